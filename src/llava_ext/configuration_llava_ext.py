@@ -1,0 +1,105 @@
+"""LlavaExt model configuration.
+
+`LlavaExtConfig` is transformers' `LlavaConfig` with its own `model_type`, a default text config whose vocabulary holds
+the image token, and checks that turn a bad combination into a `ValueError` at construction instead of a shape error
+deep inside `forward`. Every `LlavaConfig` argument keeps its meaning, so `LlavaExtConfig(**LlavaConfig().to_dict())`
+works. This file is copied next to checkpoints for `trust_remote_code`: it imports only transformers.
+"""
+
+from transformers import LlavaConfig
+
+VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+# llava-hf/llava-1.5-7b-hf: Llama's 32000 tokens + <image> + <pad>, padded to a multiple of 64.
+DEFAULT_TEXT_CONFIG = {"model_type": "llama", "vocab_size": 32064}
+
+
+class LlavaExtConfig(LlavaConfig):
+    r"""
+    Configuration of a LLaVA model: a vision tower (`vision_config`, any registered vision model; CLIP and SigLIP run
+    with llava_ext's own layer-skipping tower), a two-layer MLP projector and a causal language model (`text_config`).
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            The vision tower's config. Defaults to CLIP ViT-L/14 at 336 px, as `LlavaConfig`.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The language model's config. Defaults to Llama with a 32064-token vocabulary (llava-1.5-7b-hf).
+        image_token_index (`int`, *optional*, defaults to 32000):
+            The id of the `<image>` placeholder token; also accepted as `image_token_id`.
+        image_seq_length (`int`, *optional*, defaults to 576):
+            Number of placeholder tokens one image expands to (informational; the model derives the real count).
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation between the projector's two linear layers.
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            `"default"` drops the CLS token from the selected vision features, `"full"` keeps every token.
+        vision_feature_layer (`int` or `list[int]`, *optional*, defaults to -2):
+            Index (or indices, concatenated on the hidden axis) into the vision tower's hidden states; 0 is the
+            embedding output, -1 the last layer.
+        multimodal_projector_bias (`bool`, *optional*, defaults to `True`):
+            Whether the projector's linear layers have a bias.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Tie the language-model head to the input embeddings.
+
+    Example:
+
+    ```python
+    >>> from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
+    >>> config = LlavaExtConfig(vision_feature_layer=[-3, -1])
+    >>> model = LlavaExtForConditionalGeneration(config)
+    ```
+    """
+
+    model_type = "llava_ext"
+
+    def __init__(self, *args, **kwargs):
+        # A dict from `LlavaConfig.to_dict()` carries model_type "llava": the class decides the type.
+        kwargs.pop("model_type", None)
+        if len(args) < 2 and kwargs.get("text_config") is None:
+            kwargs["text_config"] = dict(DEFAULT_TEXT_CONFIG)
+        # Checked here, before the dataclass' own type check, so the error names the choices and the fix.
+        strategy = kwargs.get("vision_feature_select_strategy", "default")
+        if strategy not in VISION_FEATURE_SELECT_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r} is not supported; use 'default' (drop the CLS token, "
+                "as CLIP-based LLaVA-1.5) or 'full' (keep every token, as SigLIP towers without CLS)."
+            )
+        super().__init__(*args, **kwargs)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate_vision_feature_layer()
+        self._validate_image_token()
+
+    def _validate_vision_feature_layer(self):
+        layers = self.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        num_states = getattr(self.vision_config, "num_hidden_layers", None)
+        if not layers:
+            raise ValueError("vision_feature_layer=[] selects no vision features; give an int or a non-empty list.")
+        if num_states is None:  # a vision model without a layer count: nothing to check against
+            return
+        low, high = -(num_states + 1), num_states
+        bad = [layer for layer in layers if not low <= layer <= high]
+        if bad:
+            raise ValueError(
+                f"vision_feature_layer={self.vision_feature_layer} has {bad} outside the vision tower's hidden states: "
+                f"with {num_states} layers the allowed indices are {low}..{high} (0 is the embedding output, "
+                "-1 the last layer)."
+            )
+
+    def _validate_image_token(self):
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        if vocab_size is not None and not 0 <= self.image_token_index < vocab_size:
+            raise ValueError(
+                f"image_token_index={self.image_token_index} is outside the text vocabulary (0..{vocab_size - 1}); "
+                "add '<image>' to the tokenizer, resize the embeddings and pass its id, or convert an original LLaVA "
+                "checkpoint (image id -200) with `llava-ext convert`."
+            )
+
+    @property
+    def vision_feature_layers(self) -> list[int]:
+        """`vision_feature_layer` as a list."""
+        layer = self.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+
+__all__ = ["LlavaExtConfig"]

@@ -1,0 +1,323 @@
+"""LlavaExt: LLaVA as transformers classes, state-dict and numerically equal to transformers' `LlavaForConditionalGeneration`.
+
+What differs from the reference:
+- the vision tower runs only the layers `vision_feature_layer` reads (`vision_feature_layer=0` works);
+- the number of `<image>` tokens is checked against what the images will produce *before* the vision tower runs, and
+  a mismatch names both numbers and the likely cause;
+- any causal-LM backbone (`AutoModel.from_config(text_config)`), any number of images per sample.
+
+Data flow of one forward:
+
+    input_ids ---------------> embed_tokens ---> inputs_embeds (batch, seq, text_hidden)
+    pixel_values -> vision_tower -> selected states -> projector --+  masked_scatter into the <image> positions
+                                                                    v
+                                         language_model -> lm_head -> logits
+
+This file is copied next to checkpoints for `trust_remote_code`: it imports only torch, transformers and its siblings.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaModelOutputWithPast,
+    LlavaMultiModalProjector,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_llava_ext import LlavaExtConfig
+from .vision import STOCK_TOWER_NAMES, build_vision_tower, num_image_features
+
+
+class LlavaExtMultiModalProjector(LlavaMultiModalProjector):
+    """`linear_1` -> act -> `linear_2`; input width = vision hidden size x number of selected vision layers."""
+
+
+class LlavaExtPreTrainedModel(PreTrainedModel):
+    config_class = LlavaExtConfig
+    config: LlavaExtConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _can_compile_fullgraph = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class LlavaExtModel(LlavaExtPreTrainedModel):
+    """Vision tower + projector + language model (no LM head); returns `LlavaModelOutputWithPast`."""
+
+    def __init__(self, config: LlavaExtConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.multi_modal_projector = LlavaExtMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def _select_vision_states(self, pixel_values, layers, strategy, **kwargs) -> torch.Tensor:
+        """Concatenated hidden states at `layers`, CLS dropped for 'default': (num_images, num_features, hidden x len)."""
+        if hasattr(self.vision_tower, "select_hidden_states"):
+            states = self.vision_tower.select_hidden_states(pixel_values, layers, **kwargs)
+        else:  # a stock tower of another type: ask it for every hidden state
+            outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+            states = [outputs.hidden_states[layer] for layer in layers]
+        if strategy == "default":
+            states = [state[:, 1:] for state in states]  # (num_images, num_patches, vision_hidden)
+        return torch.cat(states, dim=-1)  # (num_images, num_features, vision_hidden * len(layers))
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Projected image features.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`): the images.
+            vision_feature_layer (`int` or `list[int]`, *optional*): overrides `config.vision_feature_layer`.
+            vision_feature_select_strategy (`str`, *optional*): overrides `config.vision_feature_select_strategy`.
+            image_sizes (`torch.Tensor` of shape `(num_images, 2)`, *optional*): for towers taking variable sizes.
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` is a list with one `(num_features, text_hidden)` tensor
+            per image (as the reference), `last_hidden_state` the selected (unprojected) vision states.
+        """
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("return_dict", "output_hidden_states")}
+        if image_sizes is not None and not hasattr(self.vision_tower, "select_hidden_states"):
+            kwargs["image_sizes"] = image_sizes  # only variable-size towers (e.g. Pixtral) take it
+        selected = self._select_vision_states(pixel_values, layers, strategy, **kwargs)
+        image_features = self.multi_modal_projector(selected)  # (num_images, num_features, text_hidden)
+        if "image_sizes" in kwargs:
+            split_sizes = (torch.as_tensor(image_sizes) // self.vision_tower.patch_size).prod(dim=-1).tolist()
+            image_features = list(torch.split(image_features.squeeze(0), split_sizes))
+        else:
+            image_features = list(image_features)
+        return BaseModelOutputWithPooling(last_hidden_state=selected, pooler_output=image_features)
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean `(batch, seq)` mask of the image placeholder positions, from the ids or, failing those, the embeddings."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def check_image_token_count(
+        self, special_image_mask: torch.Tensor, pixel_values: torch.Tensor, vision_feature_select_strategy: str
+    ) -> None:
+        """Raise a ValueError naming both counts if the placeholders cannot hold the images' features."""
+        height, width = pixel_values.shape[-2:]
+        per_image = num_image_features(self.config.vision_config, height, width, vision_feature_select_strategy)
+        if per_image is None or torch.compiler.is_compiling():
+            return
+        num_images = pixel_values.shape[0]
+        num_tokens = int(special_image_mask.sum())
+        num_features = num_images * per_image
+        if num_tokens == num_features:
+            return
+        if num_tokens == 0:
+            cause = "the text has no '<image>' placeholder: put one '<image>' per image in the prompt"
+        elif num_tokens % num_images == 0 and abs(num_tokens // num_images - per_image) == 1:
+            cause = (
+                "the processor expands each '<image>' one token off the model: set the processor's "
+                "num_additional_image_tokens (1 for CLIP's CLS token, 0 for SigLIP) and vision_feature_select_strategy "
+                f"('{vision_feature_select_strategy}') to match the model"
+            )
+        elif num_tokens < num_features:
+            cause = (
+                "some placeholders were cut off, most often by truncation or max_length: raise max_length "
+                "or pass truncation=False"
+            )
+        else:
+            cause = "there are more placeholders than images: give one image per '<image>' in the text"
+        raise ValueError(
+            f"Image features and image tokens do not match: the text has {num_tokens} image tokens, but "
+            f"{num_images} image(s) of {height}x{width} give {num_features} features ({per_image} each with patch size "
+            f"{self.config.vision_config.patch_size}, strategy '{vision_feature_select_strategy}'). Likely cause: "
+            f"{cause}."
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> LlavaModelOutputWithPast:
+        """Same arguments and outputs as transformers' `LlavaModel.forward`."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (batch, seq, text_hidden)
+
+        image_features = None
+        if pixel_values is not None:
+            strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+            special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (batch, seq)
+            self.check_image_token_count(special_image_mask, pixel_values, strategy)
+            image_features = self.get_image_features(
+                pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=strategy,
+                image_sizes=image_sizes,
+            ).pooler_output
+            # (total_image_tokens, text_hidden)
+            image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            if not torch.compiler.is_compiling() and int(special_image_mask.sum()) != image_features.shape[0]:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the text has {int(special_image_mask.sum())} "
+                    f"image tokens, the vision tower gave {image_features.shape[0]} features."
+                )
+            mask = special_image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)  # (batch, seq, text_hidden)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return LlavaModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin):
+    """LLaVA with a language-model head; same forward signature and outputs as `LlavaForConditionalGeneration`.
+
+    `generate()` is transformers' own: `pixel_values` reach the model on the prefill step only.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: LlavaExtConfig):
+        super().__init__(config)
+        self.model = LlavaExtModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.lm_head = new_embeddings
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """See `LlavaExtModel.get_image_features`."""
+        return self.model.get_image_features(
+            pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            **kwargs,
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> LlavaCausalLMOutputWithPast:
+        """Same arguments and outputs as `LlavaForConditionalGeneration.forward` (`cache_position` and other backbone
+        arguments pass through `**kwargs`); `labels` of -100 are ignored by the loss."""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # (batch, kept_seq, vocab)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return LlavaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+def _register_checkpoint_layouts():
+    """Read and write the key layout transformers uses for llava checkpoints, so stock and ours share files."""
+    stock_names = {"llava_ext": "llava", LlavaExtModel.__name__: "LlavaModel"}
+    stock_names.update({tower.__name__: stock for tower, stock in STOCK_TOWER_NAMES.items()})
+    for ours, stock in stock_names.items():
+        register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(stock), overwrite=True)
+
+
+_register_checkpoint_layouts()
+
+__all__ = [
+    "LlavaExtForConditionalGeneration",
+    "LlavaExtModel",
+    "LlavaExtMultiModalProjector",
+    "LlavaExtPreTrainedModel",
+]
