@@ -1,0 +1,78 @@
+"""Shared tiny fixtures: vision hidden 32, 2-3 layers, image 32 / patch 8, a character-level tokenizer (vocab 128)."""
+
+import string
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+VOCAB_SIZE = 128
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_TOKEN_ID = range(5)
+IMAGE_SIZE, PATCH_SIZE = 32, 8
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16
+
+VISION = {
+    "clip": lambda: CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+    ),
+    "siglip": lambda: SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+    ),
+}
+TEXT = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+}
+
+
+def tiny_llava_config(vision="clip", text="llama", **kwargs) -> LlavaConfig:
+    """A transformers `LlavaConfig` (the reference's) with tiny towers; llava_ext builds its own from `.to_dict()`."""
+    text_config = TEXT[text](
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE, max_position_embeddings=256, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    kwargs.setdefault("image_token_index", IMAGE_TOKEN_ID)
+    kwargs.setdefault("image_seq_length", NUM_PATCHES)
+    return LlavaConfig(vision_config=VISION[vision](), text_config=text_config, **kwargs)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer over printable ASCII + newline, BOS prepended, `<image>` a special token."""
+    chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
