@@ -64,6 +64,14 @@ class LlavaExtConfig(LlavaConfig):
             )
         super().__init__(*args, **kwargs)
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As `PreTrainedConfig.get_config_dict`; a stock `llava` config (same fields, same meaning) reads as ours."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == LlavaConfig.model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._validate_vision_feature_layer()

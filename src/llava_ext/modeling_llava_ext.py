@@ -36,6 +36,15 @@ class LlavaExtMultiModalProjector(LlavaMultiModalProjector):
     """`linear_1` -> act -> `linear_2`; input width = vision hidden size x number of selected vision layers."""
 
 
+# Written into every saved config, so each Auto class resolves to our code where llava_ext is not installed.
+AUTO_MAP = {
+    "AutoConfig": "configuration_llava_ext.LlavaExtConfig",
+    "AutoModel": "modeling_llava_ext.LlavaExtModel",
+    "AutoModelForImageTextToText": "modeling_llava_ext.LlavaExtForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_llava_ext.LlavaExtForConditionalGeneration",
+}
+
+
 class LlavaExtPreTrainedModel(PreTrainedModel):
     config_class = LlavaExtConfig
     config: LlavaExtConfig
@@ -49,6 +58,12 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with an `auto_map` naming every Auto class when the code is saved too."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class LlavaExtModel(LlavaExtPreTrainedModel):
