@@ -1,0 +1,381 @@
+"""LLaVA fine-tuning with transformers' `Trainer`: argument dataclasses, freezing, LoRA, and the `train` /
+`merge-lora` commands.
+
+A run is one YAML recipe (keys of `ModelArguments`, `DataArguments` and every `TrainingArguments` field; data and
+model keys keep the original LLaVA script's names) plus command-line overrides:
+
+    llava-ext train configs/finetune.yaml --model_name_or_path out/stage1 --learning_rate 1.0e-5
+
+    stage 1 (pretrain-projector.yaml)  vision tower frozen | projector trained | language model frozen
+    stage 2 (finetune.yaml)            vision tower frozen | projector trained | language model trained
+    LoRA    (finetune-lora.yaml)       vision tower frozen | projector trained | LoRA on the language model's linears
+
+The same command runs on one process, under `torchrun --nproc_per_node N` and under `accelerate launch`: `Trainer`
+reads the launcher's environment. Every checkpoint (mid-run `checkpoint-N` and the final one) holds the processor and,
+for full runs, the model code, so it loads with `AutoModelForImageTextToText.from_pretrained(path,
+trust_remote_code=True)`; LoRA runs save an adapter that includes the projector (`modules_to_save`).
+"""
+
+import argparse
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from torch import nn
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    HfArgumentParser,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+
+from .data import LlavaConversationDataset, LlavaExtDataCollator
+
+VERY_LARGE_MAX_LENGTH = 10**8  # tokenizers without a real limit report int(1e30)
+
+
+@dataclass
+class ModelArguments:
+    """What to load and which parts train. Names follow the original LLaVA training script."""
+
+    model_name_or_path: str = field(metadata={"help": "Checkpoint to start from (a folder or a Hub id)."})
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Processor to use; defaults to model_name_or_path."}
+    )
+    trust_remote_code: bool = field(default=True, metadata={"help": "Load checkpoints that carry their own code."})
+    # Freezing
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower's weights fixed."})
+    freeze_projector: bool = field(default=False, metadata={"help": "Keep the multi-modal projector fixed."})
+    freeze_language_model: bool = field(
+        default=False, metadata={"help": "Keep the language model (and lm_head) fixed; implied by lora_enable."}
+    )
+    tune_vision_layers: int = field(
+        default=0,
+        metadata={"help": "With freeze_vision_tower, still train the last N vision layers the features are read from."},
+    )
+    # LoRA (PEFT) on the language model
+    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the language model."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Regex of module names to adapt; defaults to every linear layer of the language model."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how it is cut. Names follow the original LLaVA training script."""
+
+    data_path: str = field(metadata={"help": "Training data: .json list or .jsonl, LLaVA or messages format."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder image paths are relative to; defaults to the data file's folder."}
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation data, same formats."})
+    model_max_length: int | None = field(
+        default=None, metadata={"help": "Longest training sequence in tokens; defaults to the tokenizer's limit."}
+    )
+    on_bad_sample: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "A sample with a missing/unreadable image: raise, or skip with a warning."}
+    )
+    on_overlong: Literal["raise", "drop"] = field(
+        default="raise",
+        metadata={"help": "A sample whose image tokens do not fit model_max_length: raise, or drop with a warning."},
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch samples of similar length (same as train_sampling_strategy=group_by_length)."},
+    )
+
+
+def parse_config(
+    config_path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Read a YAML recipe with `HfArgumentParser` and apply `--key value` overrides on top.
+
+    The YAML values become the parser's defaults (converted exactly as command-line strings are), so a recipe may
+    leave out required keys (`model_name_or_path`, `data_path`) for the command line to give.
+
+    Args:
+        config_path (`str` or `os.PathLike`): a YAML file of `ModelArguments`, `DataArguments` and
+            `TrainingArguments` keys.
+        overrides (`list[str]`): command-line style overrides, e.g. `["--learning_rate", "1e-5", "--bf16", "false"]`.
+
+    Returns:
+        `(ModelArguments, DataArguments, TrainingArguments)`.
+    """
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config {str(path)!r} does not exist; pass a YAML recipe such as configs/finetune.yaml.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Config {str(path)!r} must be a YAML mapping of argument names to values.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"Config {str(path)!r} has unknown keys {unknown}; use ModelArguments, DataArguments or TrainingArguments "
+            "field names (see `llava-ext train CONFIG --help`)."
+        )
+    for action in parser._actions:  # keys the YAML gives are no longer required on the command line
+        if action.dest in values:
+            action.required = False
+    parser.set_defaults(**values)  # string defaults are converted as command-line values would be
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=list(overrides))
+    return model_args, data_args, _resolve_precision(training_args)
+
+
+def _resolve_precision(training_args: TrainingArguments) -> TrainingArguments:
+    """bf16 on GPUs without it falls back to fp16, so one recipe runs on every GPU."""
+    if training_args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        warnings.warn("This GPU has no bf16; training in fp16 instead (set fp16: true to silence this).", stacklevel=2)
+        training_args.bf16, training_args.fp16 = False, True
+    return training_args
+
+
+def _vision_layers_in_use(model: PreTrainedModel) -> list[nn.Module]:
+    """The vision encoder layers the selected features depend on, in order."""
+    tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    layers = next(module for name, module in tower.named_modules() if name.endswith("layers"))
+    selected = model.config.vision_feature_layer
+    selected = [selected] if isinstance(selected, int) else list(selected)
+    deepest = max(layer % (len(layers) + 1) for layer in selected)
+    return list(layers[:deepest])
+
+
+def freeze_parameters(model: PreTrainedModel, model_args: ModelArguments) -> list[str]:
+    """Set `requires_grad` per part as `model_args` says; LoRA freezes the language model (PEFT adds adapters).
+
+    Args:
+        model (`PreTrainedModel`): a LLaVA model with `model.vision_tower`, `model.multi_modal_projector`,
+            `model.language_model` and `lm_head`.
+        model_args (`ModelArguments`): the `freeze_*`, `tune_vision_layers` and `lora_enable` switches.
+
+    Returns:
+        The names of the parameters left trainable.
+    """
+    inner = model.model
+    frozen = {
+        "vision_tower": model_args.freeze_vision_tower,
+        "multi_modal_projector": model_args.freeze_projector,
+        "language_model": model_args.freeze_language_model or model_args.lora_enable,
+    }
+    for part, is_frozen in frozen.items():
+        getattr(inner, part).requires_grad_(not is_frozen)
+    model.lm_head.requires_grad_(not frozen["language_model"])
+    if model_args.tune_vision_layers < 0:
+        raise ValueError(f"tune_vision_layers={model_args.tune_vision_layers} must be >= 0 (a number of layers).")
+    if model_args.freeze_vision_tower and model_args.tune_vision_layers:
+        in_use = _vision_layers_in_use(model)
+        if model_args.tune_vision_layers > len(in_use):
+            raise ValueError(
+                f"tune_vision_layers={model_args.tune_vision_layers} but the features are read after layer "
+                f"{len(in_use)} (vision_feature_layer={model.config.vision_feature_layer}); use at most {len(in_use)}."
+            )
+        for layer in in_use[-model_args.tune_vision_layers :]:
+            layer.requires_grad_(True)
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if not trainable and not model_args.lora_enable:
+        raise ValueError("Every part is frozen, so nothing would train; set one of the freeze_* switches to false.")
+    return trainable
+
+
+def lora_target_regex(model: PreTrainedModel) -> str:
+    """A PEFT `target_modules` regex matching every `nn.Linear` inside the language model, for any backbone."""
+    prefix = next(name for name, _ in model.named_modules() if name.endswith("language_model"))
+    leaves = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+         if name.startswith(prefix + ".") and isinstance(module, nn.Linear)}
+    )
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(leaves)})"
+
+
+def apply_lora(model: PreTrainedModel, model_args: ModelArguments):
+    """Wrap `model` in a PEFT LoRA model: adapters on the language model, the projector trained and saved in full."""
+    from peft import LoraConfig, get_peft_model  # optional dependency, needed only for LoRA runs
+
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or lora_target_regex(model),
+        modules_to_save=[] if model_args.freeze_projector else ["multi_modal_projector"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class LlavaExtTrainer(Trainer):
+    """`Trainer` whose length-grouped sampler reads the dataset's cheap `lengths` instead of tokenizing every item."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+
+def _local_or_hub(path: str) -> str:
+    """Absolute path for local folders, so adapters record a base path that works from any directory."""
+    return str(Path(path).resolve()) if Path(path).is_dir() else path
+
+
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> LlavaExtTrainer:
+    """Load the model and processor, freeze, add LoRA, and return a ready `LlavaExtTrainer`.
+
+    Args:
+        model_args (`ModelArguments`), data_args (`DataArguments`), training_args (`TrainingArguments`):
+            as returned by `parse_config`.
+    """
+    model_path = _local_or_hub(model_args.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(
+        model_args.processor_name_or_path or model_path, trust_remote_code=model_args.trust_remote_code
+    )
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
+    model.config.use_cache = False  # the cache is useless in training and wasteful with checkpointing
+    freeze_parameters(model, model_args)
+    if training_args.activation_checkpointing:
+        # Checkpointed blocks whose inputs need no grad return outputs without grad when the embeddings are frozen
+        # (LoRA, stage 1): "element 0 of tensors does not require grad".
+        model.enable_input_require_grads()
+    if model_args.lora_enable:
+        model = apply_lora(model, model_args)
+
+    max_length = data_args.model_max_length or processor.tokenizer.model_max_length
+    max_length = None if max_length >= VERY_LARGE_MAX_LENGTH else max_length
+    collator = LlavaExtDataCollator(processor, model_max_length=max_length, on_overlong=data_args.on_overlong)
+    tokens_per_image = getattr(model.config, "image_seq_length", 576)
+    datasets = [
+        LlavaConversationDataset(path, data_args.image_folder, data_args.on_bad_sample, tokens_per_image)
+        if path is not None
+        else None
+        for path in (data_args.data_path, data_args.eval_data_path)
+    ]
+    training_args.remove_unused_columns = False  # items are conversations; the collator makes the model inputs
+    if data_args.group_by_length:
+        training_args.train_sampling_strategy = "group_by_length"
+    return LlavaExtTrainer(
+        model=model,
+        args=training_args,
+        data_collator=collator,
+        train_dataset=datasets[0],
+        eval_dataset=datasets[1],
+        processing_class=processor,  # saved into every checkpoint, so each one loads with AutoProcessor
+    )
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainOutput:
+    """Run a training job and save the final model (or LoRA adapter) and processor in `output_dir`.
+
+    `training_args.resume_from_checkpoint` may be a checkpoint folder, or `"last"` / `"true"` for the newest
+    `checkpoint-N` in `output_dir`.
+
+    Returns:
+        transformers' `TrainOutput` (global step, training loss, metrics).
+    """
+    trainer = build_trainer(model_args, data_args, training_args)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("last", "true"):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={training_args.resume_from_checkpoint!r} but {training_args.output_dir!r} "
+                "has no checkpoint-N folder; drop the option to start fresh or give a checkpoint path."
+            )
+    output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)  # model or adapter, processor, and the model's code files
+    trainer.save_state()
+    return output
+
+
+def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | None = None) -> str:
+    """Fold a LoRA adapter (with its projector) into its base model and save a full checkpoint with the processor.
+
+    Args:
+        adapter_dir (`str`): a folder written by a LoRA run (final or `checkpoint-N`).
+        output_dir (`str`): where the merged checkpoint goes.
+        base_model (`str`, *optional*): the base checkpoint; defaults to the adapter's `base_model_name_or_path`.
+
+    Returns:
+        `output_dir`.
+    """
+    from peft import PeftConfig, PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(adapter_dir)!r} has no adapter_config.json; give the output_dir (or a checkpoint-N) of a run "
+            "with lora_enable: true."
+        )
+    base_model = base_model or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    model = AutoModelForImageTextToText.from_pretrained(base_model, trust_remote_code=True)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model.save_pretrained(output_dir)
+    AutoProcessor.from_pretrained(adapter_dir, trust_remote_code=True).save_pretrained(output_dir)
+    return str(output_dir)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    train(*parse_config(args.config, args.overrides))
+    return 0
+
+
+def _run_merge_lora(args: argparse.Namespace) -> int:
+    merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add the `train` and `merge-lora` subcommands."""
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a LLaVA model from a YAML recipe (Trainer; torchrun / accelerate launch work as is)",
+        description="Train with a YAML recipe from configs/; any ModelArguments, DataArguments or TrainingArguments "
+        "key can be overridden as --key value.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  llava-ext train configs/finetune.yaml --model_name_or_path out/stage1 "
+        "--data_path data/llava_v1_5_mix665k.json --image_folder data/images --output_dir out/stage2",
+    )
+    parser.add_argument("config", help="YAML recipe, e.g. configs/pretrain-projector.yaml")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the recipe")
+    parser.set_defaults(func=_run_train)
+
+    merge = subparsers.add_parser(
+        "merge-lora",
+        help="merge a LoRA adapter (and its projector) into a full checkpoint",
+        description="Fold a LoRA run's adapter into its base model and save a full checkpoint with the processor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  llava-ext merge-lora out/lora out/merged",
+    )
+    merge.add_argument("adapter_dir", help="output_dir or checkpoint-N of a run with lora_enable: true")
+    merge.add_argument("output_dir", help="where the merged checkpoint is written")
+    merge.add_argument("--base-model", default=None, help="base checkpoint (default: the adapter's own record)")
+    merge.set_defaults(func=_run_merge_lora)
+
+
+__all__ = [
+    "DataArguments",
+    "LlavaExtTrainer",
+    "ModelArguments",
+    "add_parser",
+    "apply_lora",
+    "build_trainer",
+    "freeze_parameters",
+    "lora_target_regex",
+    "merge_lora",
+    "parse_config",
+    "train",
+]
