@@ -1,0 +1,278 @@
+"""Checkpoint files in and out: resolve a source, read its tensors lazily, stream them into sharded safetensors, and
+publish an output directory atomically.
+
+Memory: a conversion holds at most one converted tensor at a time. Sources are read through safetensors' memory map
+(or `torch.load(mmap=True, weights_only=True)` for `.bin`), and each output shard is written tensor by tensor, so the
+resident set stays near the size of the source's mapped pages plus the largest tensor, never two copies of the model.
+
+    source files --mmap--> one tensor --rename / cast / resize--> file.write(bytes) --> shard --> ... --> os.rename
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import safe_open
+from transformers.utils.logging import tqdm
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# files a conversion reads from a Hub snapshot; weights in pickled `.bin` are fetched only when no safetensors exist
+SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def resolve_source(source: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """A local directory as is, or a Hub repo id downloaded with `snapshot_download`; a clear error otherwise."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"The {what} {str(source)!r} is a file; give the directory that holds its config.json.")
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"The {what} {str(source)!r} is neither a local directory nor a Hub repo id (owner/name); check the path."
+        ) from None
+    try:
+        snapshot = Path(snapshot_download(str(source), allow_patterns=SNAPSHOT_PATTERNS))
+        if not any(snapshot.glob("*.safetensors")) and any(snapshot.glob("*.json")):
+            snapshot = Path(snapshot_download(str(source), allow_patterns=SNAPSHOT_PATTERNS + ["*.bin"]))
+    except Exception as error:  # offline, missing, gated: huggingface_hub raises a dozen types; all mean "no files"
+        raise FileNotFoundError(
+            f"The {what} {str(source)!r} is not a local directory and could not be downloaded from the Hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}). Check the repo "
+            "id and your connection or login (`hf auth login`), or download it first and pass the local directory."
+        ) from None
+    return snapshot
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict, with an error naming the file if it is missing or malformed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; a checkpoint directory needs it.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the file may be truncated: download it again.") from None
+
+
+class TensorSource:
+    """Lazy, read-only view of a checkpoint's tensors across its safetensors (or weights-only `.bin`) files.
+
+    Args:
+        directory (`Path`): a directory holding `model.safetensors`, sharded safetensors with their index, or
+            `pytorch_model*.bin` files (read with `torch.load(weights_only=True)`, never unpickled freely).
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._files: dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+        safetensors_files = sorted(self.directory.glob("*.safetensors"))
+        bin_files = sorted(self.directory.glob("pytorch_model*.bin"))
+        if safetensors_files:
+            for path in self._indexed_files(SAFETENSORS_INDEX, safetensors_files):
+                self._handles[path] = handle = _open_safetensors(path)
+                self._files.update(dict.fromkeys(handle.keys(), path))
+        elif bin_files:
+            for path in self._indexed_files(BIN_INDEX, bin_files):
+                self._handles[path] = state_dict = _load_bin(path)
+                self._files.update(dict.fromkeys(state_dict, path))
+        else:
+            raise FileNotFoundError(
+                f"{self.directory} has no weights: expected model.safetensors (or shards with {SAFETENSORS_INDEX}) or "
+                "pytorch_model*.bin."
+            )
+
+    def _indexed_files(self, index_name: str, found: list[Path]) -> list[Path]:
+        index = self.directory / index_name
+        if not index.is_file():
+            return found
+        names = sorted(set(read_json(index)["weight_map"].values()))
+        missing = [name for name in names if not (self.directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists {missing} but they are not in {self.directory}; download them.")
+        return [self.directory / name for name in names]
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor with the stored shape and dtype (reads no data)."""
+        handle = self._handles[self._files[name]]
+        if isinstance(handle, dict):
+            tensor = handle[name]
+            return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        tensor_slice = handle.get_slice(name)
+        dtype = _dtype_from_safetensors(tensor_slice.get_dtype())
+        return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._handles[self._files[name]]
+        if isinstance(handle, dict):
+            return handle[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as error:
+            raise ValueError(
+                f"Could not read tensor {name!r} from {self._files[name]} ({error}); the file may be truncated: "
+                "download it again."
+            ) from None
+
+
+def _open_safetensors(path: Path):
+    """`safe_open`, turning a truncated or corrupt file (checked against its header) into an error that names it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); it is probably truncated "
+            "by an interrupted download or copy: download it again."
+        ) from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled checkpoint loaded with `weights_only=True` (tensors only; arbitrary objects are refused)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+        pass
+    except Exception as error:
+        raise ValueError(
+            f"Refusing to load {path}: it holds more than tensors ({type(error).__name__}: {str(error)[:200]}), and "
+            "unpickling it could run arbitrary code. Convert it to safetensors in a trusted environment first."
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"Refusing to load {path} with weights_only=True ({type(error).__name__}): convert it to safetensors in a "
+            "trusted environment first."
+        ) from None
+
+
+def _dtype_from_safetensors(name: str) -> torch.dtype:
+    for dtype, code in SAFETENSORS_DTYPES.items():
+        if code == name:
+            return dtype
+    raise ValueError(f"Unsupported safetensors dtype {name!r}; supported: {sorted(SAFETENSORS_DTYPES.values())}.")
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: its final shape and dtype (a meta tensor) and how to make it when its turn comes."""
+
+    meta: torch.Tensor
+    make: Callable[[], torch.Tensor]
+
+
+def write_sharded_safetensors(
+    plan: dict[str, PlannedTensor], out_dir: Path, max_shard_size: int | str = "5GB", progress: bool = True
+) -> list[str]:
+    """Stream `plan` into `model.safetensors` (or `model-0000i-of-0000n.safetensors` + index), one tensor in memory.
+
+    Shards are split as transformers' `save_pretrained` splits them (huggingface_hub's splitter, on meta tensors).
+    Returns the written file names.
+    """
+    split = split_torch_state_dict_into_shards(
+        {name: planned.meta for name, planned in plan.items()},
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    bar = tqdm(total=len(plan), desc="Converting tensors", unit="tensor", disable=not progress)
+    for filename, names in split.filename_to_tensors.items():
+        _write_safetensors_file(out_dir / filename, {name: plan[name] for name in names}, on_tensor=bar.update)
+    bar.close()
+    written = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "total_parameters": _num_parameters(plan)},
+                 "weight_map": split.tensor_to_filename}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(SAFETENSORS_INDEX)
+    return written
+
+
+def _num_parameters(plan: dict[str, PlannedTensor]) -> int:
+    return sum(planned.meta.numel() for planned in plan.values())
+
+
+def _write_safetensors_file(path: Path, plan: dict[str, PlannedTensor], on_tensor: Callable[[], None]) -> None:
+    """The safetensors format by hand (8-byte header size, JSON header, raw little-endian data) so data can stream."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, planned in plan.items():
+        size = planned.meta.numel() * planned.meta.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[planned.meta.dtype], "shape": list(planned.meta.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data start to 8 bytes
+    with path.open("wb") as file:
+        file.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for name, planned in plan.items():
+            tensor = planned.make()
+            if tensor.shape != planned.meta.shape or tensor.dtype != planned.meta.dtype:
+                raise AssertionError(f"{name}: made {tensor.dtype} {tuple(tensor.shape)}, planned {planned.meta}")
+            file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+            on_tensor()
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` to fill; rename it to `out_dir` only if the block completes.
+
+    A failure or Ctrl-C removes the temporary directory and leaves `out_dir` as it was. An existing `out_dir` is
+    refused unless `overwrite=True`, in which case it is replaced only after the new one is complete.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    check_output_free(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield tmp_dir
+        if out_dir.exists():  # overwrite: move the old one aside first so there is never a half-written out_dir
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old_dir / "old")
+            os.replace(tmp_dir, out_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def check_output_free(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing output directory (before any heavy work) unless overwriting was asked for."""
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass --overwrite.")
+
+
+__all__ = [
+    "PlannedTensor",
+    "TensorSource",
+    "atomic_directory",
+    "check_output_free",
+    "read_json",
+    "resolve_source",
+    "write_sharded_safetensors",
+]
