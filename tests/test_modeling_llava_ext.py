@@ -237,3 +237,15 @@ def test_flash_attention_2_matches_sdpa_in_bf16_on_gpu():
         expected, got = sdpa(**batch).logits, fa2(**batch).logits
     mask = batch["attention_mask"].bool()
     assert (expected[mask] - got[mask]).abs().max().item() <= 5e-2
+
+
+@pytest.mark.slow
+def test_compiles_with_fullgraph_and_matches_eager_forward():
+    _, ours = build_pair(attn_implementation="sdpa", vision="clip", text="llama")
+    batch = left_padded_batch(ours.config, num_images=(1, 1))
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = ours(**batch).logits
+        compiled = torch.compile(ours, fullgraph=True)
+        got = compiled(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
