@@ -4,15 +4,24 @@ Importing the package registers its classes with transformers' Auto classes and 
 saved checkpoint carries its own code and loads with `trust_remote_code=True` where llava_ext is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_llava_ext import LlavaExtConfig
+from .image_processing_llava_ext import LlavaExtImageProcessor
 from .modeling_llava_ext import (
     LlavaExtForConditionalGeneration,
     LlavaExtModel,
     LlavaExtMultiModalProjector,
     LlavaExtPreTrainedModel,
 )
+from .processing_llava_ext import LlavaExtProcessor
 
 __version__ = "0.1.0"
 
@@ -20,15 +29,21 @@ AutoConfig.register(LlavaExtConfig.model_type, LlavaExtConfig, exist_ok=True)
 AutoModel.register(LlavaExtConfig, LlavaExtModel, exist_ok=True)
 AutoModelForImageTextToText.register(LlavaExtConfig, LlavaExtForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(LlavaExtConfig, LlavaExtForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(LlavaExtConfig, image_processor_classes={"pil": LlavaExtImageProcessor}, exist_ok=True)
+AutoProcessor.register(LlavaExtConfig, LlavaExtProcessor, exist_ok=True)
 
 LlavaExtConfig.register_for_auto_class()
 LlavaExtModel.register_for_auto_class("AutoModel")
 LlavaExtForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+LlavaExtImageProcessor.register_for_auto_class("AutoImageProcessor")
+LlavaExtProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "LlavaExtConfig",
     "LlavaExtForConditionalGeneration",
+    "LlavaExtImageProcessor",
     "LlavaExtModel",
     "LlavaExtMultiModalProjector",
     "LlavaExtPreTrainedModel",
+    "LlavaExtProcessor",
 ]
