@@ -249,3 +249,21 @@ def test_compiles_with_fullgraph_and_matches_eager_forward():
         compiled = torch.compile(ours, fullgraph=True)
         got = compiled(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_stock_llava_config_builds_our_model_with_the_stock_layout(tmp_path):
+    reference, _ = build_pair(vision="clip", text="llama")
+    ours = LlavaExtForConditionalGeneration(reference.config)  # a transformers LlavaConfig
+    assert type(ours.config) is LlavaExtConfig and ours.model.config is ours.config
+    ours.load_state_dict(reference.state_dict())
+    ours.save_pretrained(tmp_path / "ours")
+    stock = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    batch = left_padded_batch(reference.config)
+    assert (_logits(stock, batch) - _logits(reference, batch)).abs().max().item() == 0
+
+
+def test_mismatch_error_is_also_the_runtime_error_transformers_tests_expect():
+    _, ours = build_pair(vision="clip", text="llama")
+    batch = left_padded_batch(ours.config, num_images=(1, 1))
+    with pytest.raises(RuntimeError, match="do not match"):
+        ours(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:1])

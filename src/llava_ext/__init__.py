@@ -16,6 +16,7 @@ from transformers import (
 from .configuration_llava_ext import LlavaExtConfig
 from .image_processing_llava_ext import LlavaExtImageProcessor
 from .modeling_llava_ext import (
+    ImageTokenMismatchError,
     LlavaExtForConditionalGeneration,
     LlavaExtModel,
     LlavaExtMultiModalProjector,
@@ -39,6 +40,7 @@ LlavaExtImageProcessor.register_for_auto_class("AutoImageProcessor")
 LlavaExtProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "ImageTokenMismatchError",
     "LlavaExtConfig",
     "LlavaExtForConditionalGeneration",
     "LlavaExtImageProcessor",

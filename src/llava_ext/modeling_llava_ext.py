@@ -18,7 +18,7 @@ This file is copied next to checkpoints for `trust_remote_code`: it imports only
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, LlavaConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import (
@@ -30,6 +30,13 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_ext import LlavaExtConfig
 from .vision import STOCK_TOWER_NAMES, build_vision_tower, num_image_features
+
+
+class ImageTokenMismatchError(ValueError, RuntimeError):
+    """The `<image>` placeholders cannot hold the images' features.
+
+    A ValueError (bad user input); also a RuntimeError, which transformers' own LLaVA tests expect from this check.
+    """
 
 
 class LlavaExtMultiModalProjector(LlavaMultiModalProjector):
@@ -59,6 +66,14 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def __init__(self, config: LlavaExtConfig, *inputs, **kwargs):
+        if type(config) is LlavaConfig:  # a stock config: same fields; our model_type picks our key layout on save
+            stock = config
+            config = LlavaExtConfig(**stock.to_dict())
+            config.vision_config, config.text_config = stock.vision_config, stock.text_config
+            config._attn_implementation_internal = stock._attn_implementation_internal
+        super().__init__(config, *inputs, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with an `auto_map` naming every Auto class when the code is saved too."""
         if self._auto_class is not None:
@@ -71,6 +86,7 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
 
     def __init__(self, config: LlavaExtConfig):
         super().__init__(config)
+        config = self.config  # a stock LlavaConfig was turned into ours
         self.vision_tower = build_vision_tower(config.vision_config)
         self.multi_modal_projector = LlavaExtMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
@@ -165,7 +181,7 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
             )
         else:
             cause = "there are more placeholders than images: give one image per '<image>' in the text"
-        raise ValueError(
+        raise ImageTokenMismatchError(
             f"Image features and image tokens do not match: the text has {num_tokens} image tokens, but "
             f"{num_images} image(s) of {height}x{width} give {num_features} features ({per_image} each with patch size "
             f"{self.config.vision_config.patch_size}, strategy '{vision_feature_select_strategy}'). Likely cause: "
@@ -206,7 +222,7 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
             # (total_image_tokens, text_hidden)
             image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             if not torch.compiler.is_compiling() and int(special_image_mask.sum()) != image_features.shape[0]:
-                raise ValueError(
+                raise ImageTokenMismatchError(
                     f"Image features and image tokens do not match: the text has {int(special_image_mask.sum())} "
                     f"image tokens, the vision tower gave {image_features.shape[0]} features."
                 )
@@ -240,6 +256,7 @@ class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin)
 
     def __init__(self, config: LlavaExtConfig):
         super().__init__(config)
+        config = self.config  # a stock LlavaConfig was turned into ours
         self.model = LlavaExtModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
@@ -331,6 +348,7 @@ def _register_checkpoint_layouts():
 _register_checkpoint_layouts()
 
 __all__ = [
+    "ImageTokenMismatchError",
     "LlavaExtForConditionalGeneration",
     "LlavaExtModel",
     "LlavaExtMultiModalProjector",
