@@ -1,0 +1,203 @@
+"""LlavaExtProcessor: parity with transformers' LlavaProcessor, named errors, remote-code round trip, pipeline."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import IMAGE_TOKEN_ID, PAD_ID, build_tiny_tokenizer, tiny_llava_config
+from transformers import LlavaImageProcessorPil, LlavaProcessor, pipeline
+
+from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration, LlavaExtImageProcessor, LlavaExtProcessor
+
+SETTINGS = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+CLIP = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def image(seed: int, height: int = 40, width: int = 60) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def processors(**kwargs) -> tuple[LlavaExtProcessor, LlavaProcessor]:
+    tokenizer = build_tiny_tokenizer()
+    ours = LlavaExtProcessor(LlavaExtImageProcessor(**SETTINGS), tokenizer, **CLIP, **kwargs)
+    reference = LlavaProcessor(LlavaImageProcessorPil(**SETTINGS), tokenizer, **CLIP, **kwargs)
+    return ours, reference
+
+
+BATCH_TEXT = ["USER: <image>\n<image>\nWhich is red? ASSISTANT:", "USER: <image>\nHi ASSISTANT:"]
+
+
+def batch_images():
+    return [[image(0), image(1, 50, 30)], [image(2, 32, 32)]]
+
+
+def test_batched_left_padded_multi_image_equals_transformers():
+    ours, reference = processors()
+    expected = reference(images=batch_images(), text=BATCH_TEXT, padding=True, return_tensors="pt")
+    actual = ours(images=batch_images(), text=BATCH_TEXT, padding=True, return_tensors="pt")
+    assert set(actual) == set(expected) == {"input_ids", "attention_mask", "pixel_values"}
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+    # CLIP, strategy "default": (32 / 8)^2 patches + CLS - CLS = 16 tokens per image
+    assert (actual["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [32, 16]
+    assert actual["input_ids"][1, 0] == PAD_ID and actual["attention_mask"][1, 0] == 0  # left padding
+    assert actual["pixel_values"].shape == (3, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, tokens_per_image",
+    [(dict(vision_feature_select_strategy="full"), 17), (dict(num_additional_image_tokens=0), 15)],
+)
+def test_token_count_follows_strategy_and_cls(kwargs, tokens_per_image):
+    settings = {**CLIP, **kwargs}
+    processor = LlavaExtProcessor(LlavaExtImageProcessor(**SETTINGS), build_tiny_tokenizer(), **settings)
+    out = processor(images=image(0), text="<image>x", return_tensors="pt")
+    assert (out["input_ids"] == IMAGE_TOKEN_ID).sum() == tokens_per_image
+
+
+def test_single_sample_and_mm_token_type_ids_equal_transformers():
+    ours, reference = processors()
+    kwargs = dict(images=image(3), text="USER: <image>\nWhat? ASSISTANT:", return_mm_token_type_ids=True)
+    expected, actual = reference(**kwargs), ours(**kwargs)  # no return_tensors: lists, as the reference
+    assert actual["input_ids"] == expected["input_ids"]
+    assert actual["mm_token_type_ids"] == expected["mm_token_type_ids"]
+    assert actual["mm_token_type_ids"][0] == [int(i == IMAGE_TOKEN_ID) for i in actual["input_ids"][0]]
+    np.testing.assert_array_equal(np.asarray(actual["pixel_values"]), np.asarray(expected["pixel_values"]))
+
+
+def test_apply_chat_template_tokenized_equals_transformers(tmp_path):
+    path = tmp_path / "cat.png"
+    image(7).save(path)
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "image": image(8)}]},
+    ]
+    ours, _ = processors()
+    _, reference = processors(chat_template=ours.chat_template)
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    actual = ours.apply_chat_template(conversation, **kwargs)
+    expected = reference.apply_chat_template(conversation, **kwargs)
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(actual[key], expected[key]), key
+    # the image loaded from the path is the saved one: same pixels as processing the PIL image itself
+    pixels = LlavaImageProcessorPil(**SETTINGS)([image(7), image(8)], return_tensors="pt").pixel_values
+    assert torch.equal(actual["pixel_values"], pixels)
+    assert (actual["input_ids"] == IMAGE_TOKEN_ID).sum() == 32
+
+
+def test_marker_image_count_mismatch_names_both_counts():
+    ours, _ = processors()
+    with pytest.raises(ValueError, match=r"2 '<image>' markers \(per sample: \[1, 1\]\) but 1 images were given"):
+        ours(images=[image(0)], text=["<image>a", "<image>b"], padding=True)
+    with pytest.raises(ValueError, match=r"1 '<image>' markers \(per sample: \[1\]\) but 0 images were given"):
+        ours(text="USER: <image>\nHi")
+    with pytest.raises(ValueError, match=r"0 '<image>' markers \(per sample: \[0\]\) but 1 images were given"):
+        ours(images=image(0), text="USER: no marker")
+
+
+def test_truncation_that_cuts_image_tokens_says_so():
+    ours, _ = processors()
+    with pytest.raises(ValueError, match=r"Truncation would cut image tokens: sample 0 has 16 image tokens.*"
+                                         r"Raise max_length to at least 22"):
+        ours(images=image(0), text="<image>Hello", truncation=True, max_length=10)
+    kept = ours(images=image(0), text="<image>Hello", truncation=True, max_length=22)  # BOS + 16 + 5 chars fits
+    assert len(kept["input_ids"][0]) == 22
+
+
+def test_missing_patch_size_is_named_before_processing():
+    processor = LlavaExtProcessor(LlavaExtImageProcessor(**SETTINGS), build_tiny_tokenizer())
+    with pytest.raises(ValueError, match=r"patch_size is None.*patch_size=config.vision_config.patch_size"):
+        processor(images=image(0), text="<image>")
+
+
+def test_bad_image_path_is_named(tmp_path):
+    ours, _ = processors()
+    with pytest.raises(ValueError, match=r"Image 1 \('.*missing\.png'\) is not an existing file"):
+        ours(images=[image(0), str(tmp_path / "missing.png")], text="<image><image>")
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["llava_ext"] = None  # any `import llava_ext` now raises ImportError
+    import numpy as np, PIL.Image
+    from transformers import AutoProcessor
+
+    checkpoint, out_path = sys.argv[1:]
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    out = processor(images=PIL.Image.fromarray(pixels), text="USER: <image>\\nHi ASSISTANT:")
+    try:
+        processor(images=[], text="<image>")
+        error = None
+    except ValueError as e:
+        error = str(e)
+    json.dump({
+        "processor": type(processor).__name__,
+        "image_processor": type(processor.image_processor).__name__,
+        "modules": sorted({type(o).__module__.split(".")[0] for o in (processor, processor.image_processor)}),
+        "input_ids": out["input_ids"],
+        "pixel_values": np.asarray(out["pixel_values"]).tolist(),
+        "chat_template": processor.chat_template,
+        "error": error,
+    }, open(out_path, "w"))
+    """
+)
+
+
+def test_auto_processor_trust_remote_code_without_llava_ext(tmp_path):
+    ours, _ = processors()
+    ours.save_pretrained(tmp_path / "checkpoint")
+    code = {path.name for path in (tmp_path / "checkpoint").glob("*.py")}
+    assert {"processing_llava_ext.py", "image_processing_llava_ext.py"} <= code
+    for name in ("processing_llava_ext.py", "image_processing_llava_ext.py"):  # only what a user has to trust
+        imports = [line.split()[1] for line in (tmp_path / "checkpoint" / name).read_text().splitlines()
+                   if line.startswith(("import ", "from "))]
+        assert {module.split(".")[0] for module in imports} <= {"os", "itertools", "collections", "typing",
+                                                                "pathlib", "numpy", "PIL", "torch", "transformers"}
+    expected = ours(images=PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)),
+                    text="USER: <image>\nHi ASSISTANT:")
+
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    completed = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "out.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["processor"] == "LlavaExtProcessor"
+    assert result["image_processor"] == "LlavaExtImageProcessor"
+    assert result["modules"] == ["transformers_modules"]  # the checkpoint's copy, not an installed llava_ext
+    assert result["input_ids"] == expected["input_ids"]
+    np.testing.assert_allclose(result["pixel_values"], np.asarray(expected["pixel_values"]), atol=1e-6)
+    assert result["chat_template"].startswith("{#- LLaVA-1.5 (Vicuna v1")
+    assert "1 '<image>' markers" in result["error"] and "but 0 images were given" in result["error"]
+
+
+def test_pipeline_answers_a_chat_like_generate(tmp_path):
+    torch.manual_seed(0)
+    model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config().to_dict())).eval()
+    processor, _ = processors()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image(5)}, {"type": "text", "text": "Hi?"}]}]
+    # only character tokens (no pad/BOS/EOS/<image>, no ids past the tokenizer's 101), so each decodes to one char
+    suppress = list(range(5)) + list(range(len(processor.tokenizer), model.config.text_config.vocab_size))
+    generate_kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=suppress)
+
+    pipe = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)
+    answer = pipe(text=messages, generate_kwargs=generate_kwargs, return_full_text=False)[0]["generated_text"]
+
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, **generate_kwargs)[0, inputs["input_ids"].shape[1]:]
+    assert len(generated) == 6 and len(answer) == 6
+    assert answer == processor.decode(generated, skip_special_tokens=True)
+    assert processor.tokenizer(answer, add_special_tokens=False)["input_ids"] == generated.tolist()
