@@ -197,6 +197,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     torch.save({
         "logits": logits, "input_ids": inputs["input_ids"][0].tolist(), "pixel_values": inputs["pixel_values"],
         "image_token_id": image_token_id, "module": type(model).__module__,
+        "processor": type(processor).__name__, "processor_module": type(processor).__module__,
         "chat": processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
             add_generation_prompt=True,
@@ -249,6 +250,8 @@ def test_original_checkpoint_converts_with_logit_parity(original_checkpoint, tmp
     expected_logits, expected_ids, expected_pixels = reference_original_logits(llava_dir, clip_dir, image, PROMPT)
     result = run_without_llava_ext(tmp_path, out, image, PROMPT)
     assert result["module"].startswith("transformers_modules.")
+    assert result["processor_module"].startswith("transformers_modules.") and result["processor"] == "LlavaExtProcessor"
+    assert result["chat"] == "USER: <image>\nHi ASSISTANT:"  # LLaVA-1.5's conv_vicuna_v1 turn, no system prompt
     assert [i for i in result["input_ids"] if i != result["image_token_id"]] == expected_ids
     torch.testing.assert_close(result["pixel_values"], expected_pixels, rtol=0, atol=1e-5)
     diff = (result["logits"][:ORIGINAL_VOCAB] - expected_logits).abs().max().item()

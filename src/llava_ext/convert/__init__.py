@@ -33,7 +33,9 @@ from transformers import (
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_llava_ext import LlavaExtConfig
+from ..image_processing_llava_ext import LlavaExtImageProcessor
 from ..modeling_llava_ext import LlavaExtForConditionalGeneration
+from ..processing_llava_ext import LlavaExtProcessor
 from ..vision import num_image_features
 from .io import PlannedTensor, TensorSource, atomic_directory, check_output_free, read_json, resolve_source
 from .io import write_sharded_safetensors
@@ -142,7 +144,7 @@ def convert_checkpoint(
         processor.save_pretrained(tmp)
         description = (
             f"LLaVA converted from the {'original LLaVA' if layout == 'original' else layout} checkpoint "
-            f"`{base_model or Path(src).name}` to [llava_ext](https://github.com/) with `llava-ext convert`. The model "
+            f"`{base_model or Path(src).name}` to `llava_ext` with `llava-ext convert`. The model "
             "code ships with the checkpoint: load it with `trust_remote_code=True`."
         )
         _model_card(base_model, out.name, description, USAGE_REMOTE_CODE).save(tmp / "README.md")
@@ -327,26 +329,12 @@ def _clip_vision_config(tower_dir: Path) -> CLIPVisionConfig:
 
 def _build_processor(tokenizer, image_settings: dict, chat_template: str | None = CHAT_TEMPLATE, **processor_kwargs):
     """A `LlavaExtProcessor` (saved with its code) around `tokenizer` and a `LlavaExtImageProcessor(**image_settings)`."""
-    try:
-        from ..image_processing_llava_ext import LlavaExtImageProcessor
-        from ..processing_llava_ext import LlavaExtProcessor
-    except ImportError:  # TODO: drop once processing_llava_ext.py lands; until then the stock processor is saved
-        LlavaExtImageProcessor, LlavaExtProcessor = LlavaImageProcessorPil, LlavaProcessor
-        chat_template = _stock_chat_template(chat_template)
     return LlavaExtProcessor(
         image_processor=LlavaExtImageProcessor(**image_settings),
         tokenizer=tokenizer,
         chat_template=chat_template,
         **processor_kwargs,
     )
-
-
-def _stock_chat_template(chat_template: str | None) -> str | None:
-    """A template name resolved to its Jinja text from the package's chat_templates/ (stock processors need text)."""
-    if chat_template is None or "{" in chat_template:
-        return chat_template
-    path = Path(__file__).parent.parent / "chat_templates" / f"{chat_template}.jinja"
-    return path.read_text() if path.is_file() else None
 
 
 def _save_remote_code_config(config: LlavaExtConfig, out_dir: Path) -> None:
@@ -433,6 +421,7 @@ def export_checkpoint(
     stock_config = LlavaConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type")})
     stock_config.architectures = ["LlavaForConditionalGeneration"]
     source_processor = AutoProcessor.from_pretrained(src_dir)
+    source_processor.tokenizer.init_kwargs.pop("auto_map", None)  # it names LlavaExtProcessor: stock has no code
     image_settings = {k: v for k, v in source_processor.image_processor.to_dict().items()
                       if k not in IMAGE_PROCESSOR_CLASS_KEYS and k in LlavaImageProcessorPil().to_dict()}
     processor = LlavaProcessor(
@@ -453,11 +442,8 @@ def export_checkpoint(
         stock_config.save_pretrained(tmp)
         _copy_generation_config(src_dir, tmp)
         processor.save_pretrained(tmp)
-        for path in tmp.iterdir():  # a tokenizer saved with custom code may have brought its files: stock has none
-            if path.suffix == ".py":
-                path.unlink()
         usage = USAGE_REMOTE_CODE.replace(", trust_remote_code=True", "")
-        description = f"LLaVA exported from a llava_ext checkpoint to transformers' stock `llava` layout."
+        description = "LLaVA exported from a llava_ext checkpoint to transformers' stock `llava` layout."
         _model_card(None, out.name, description, usage).save(tmp / "README.md")
     return out
 

@@ -130,8 +130,9 @@ class TensorSource:
         handle = self._handles[self._files[name]]
         if isinstance(handle, dict):
             return handle[name]
-        try:
-            return handle.get_tensor(name)
+        try:  # a fresh handle per tensor: its memory map (and the pages read through it) goes when it closes
+            with safe_open(str(self._files[name]), framework="pt") as fresh:
+                return fresh.get_tensor(name)
         except Exception as error:
             raise ValueError(
                 f"Could not read tensor {name!r} from {self._files[name]} ({error}); the file may be truncated: "

@@ -62,9 +62,18 @@ CLIP_TO_HF = {
     "logit_scale": None,
 }
 
+# A CLIPVisionModel saved by transformers >= 5 drops the `vision_model.` prefix.
+CLIP_TO_HF.update(
+    {key.removeprefix("vision_model."): value for key, value in CLIP_TO_HF.items() if key.startswith("vision_model.")}
+)
+
 # Some original checkpoints (fine-tuned towers) also carry the tower, under the LLaVA wrapper's prefix.
 ORIGINAL_TO_HF.update(
-    {f"model.vision_tower.vision_tower.{key}": value for key, value in CLIP_TO_HF.items() if key.startswith("vision_")}
+    {
+        f"model.vision_tower.vision_tower.{key}": value
+        for key, value in CLIP_TO_HF.items()
+        if key.startswith("vision_model.")
+    }
 )
 
 ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
