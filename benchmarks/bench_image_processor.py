@@ -49,7 +49,10 @@ def main():
     parser.add_argument("--size", type=int, default=336)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--do-pad", action="store_true", help="pad to square first (LLaVA-1.5's expand2square)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a CPU shared with other jobs, fewer threads avoid barrier stalls
 
     settings = dict(
         size={"shortest_edge": args.size}, crop_size={"height": args.size, "width": args.size}, do_pad=args.do_pad
@@ -64,7 +67,8 @@ def main():
     }
     medians = {name: median_seconds(run, args.repeats) for name, run in runs.items()}
 
-    difference = (runs["llava_ext image_backend='torch'"]().pixel_values - runs["llava_ext image_backend='pil'"]().pixel_values).abs()
+    fast, pil = runs["llava_ext image_backend='torch'"](), runs["llava_ext image_backend='pil'"]()
+    difference = (fast.pixel_values - pil.pixel_values).abs()
     print(
         f"{args.num_images} images {args.width}x{args.height} -> {args.size}, do_pad={args.do_pad}, "
         f"median of {args.repeats}, torch threads={torch.get_num_threads()}"
