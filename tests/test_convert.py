@@ -40,7 +40,7 @@ from transformers import (
 
 import llava_ext.convert.io as convert_io
 from llava_ext.cli import main
-from llava_ext.convert import convert_checkpoint, export_checkpoint, push_to_hub
+from llava_ext.convert import convert_checkpoint, push_to_hub
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # openai/clip-vit-large-patch14-336's preprocessor_config.json
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

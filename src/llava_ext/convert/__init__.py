@@ -1,8 +1,8 @@
 """Checkpoint conversion: original LLaVA and llava-hf checkpoints -> llava_ext, llava_ext -> stock transformers llava.
 
-    convert_checkpoint(SRC, OUT)   original LLaVA (`LlavaLlamaForCausalLM` + a separate CLIP tower) or llava-hf (`llava`)
-                                   -> `llava_ext` with its code attached (`trust_remote_code=True` loads it anywhere)
-    export_checkpoint(SRC, OUT)    `llava_ext` -> stock `llava` (no remote code), loadable by `LlavaForConditionalGeneration`
+    convert_checkpoint(SRC, OUT)   original LLaVA (`LlavaLlamaForCausalLM` + a separate CLIP tower) or llava-hf
+                                   (`llava`) -> `llava_ext` with its code attached (loads with trust_remote_code=True)
+    export_checkpoint(SRC, OUT)    `llava_ext` -> stock `llava` (no remote code) for `LlavaForConditionalGeneration`
     push_to_hub(OUT, REPO_ID)      one commit with the whole directory
 
 Every writer streams tensors (see `io.py`) into a temporary sibling of OUT that is renamed into place only when
@@ -112,7 +112,7 @@ def convert_checkpoint(
         dtype (`str`, *optional*): cast floating-point weights to `"float16"`, `"bfloat16"` or `"float32"`; by default
             each tensor keeps its stored dtype.
         max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): shard the weights past this size.
-        overwrite (`bool`, *optional*, defaults to `False`): replace an existing `out` (only once the new one is complete).
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing `out` once the new one is complete.
         base_model (`str`, *optional*): Hub id named as the base model in the model card; defaults to `src` when that
             is a Hub id.
         push_to_hub_repo (`str`, *optional*): upload the result to this Hub repo (see `push_to_hub`).
@@ -191,7 +191,7 @@ def _plan_original(src_dir: Path, vision_tower: str | os.PathLike | None, dtype:
         )
     tower_source = vision_tower or original.get("mm_vision_tower")
     if not tower_source:
-        raise ValueError(f"{src_dir / 'config.json'} names no mm_vision_tower; pass the CLIP tower with --vision-tower.")
+        raise ValueError(f"{src_dir / 'config.json'} names no mm_vision_tower; pass the CLIP tower (--vision-tower).")
     tower_dir = resolve_source(tower_source, what="vision tower")
     vision_config = _clip_vision_config(tower_dir)
 
@@ -227,16 +227,15 @@ def _plan_original(src_dir: Path, vision_tower: str | os.PathLike | None, dtype:
     text_config.vocab_size = new_vocab
     text_config.pad_token_id = tokenizer.pad_token_id
 
+    strategy = SELECT_FEATURE_TO_STRATEGY[select_feature]
     config = LlavaExtConfig(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu",  # mlp2x_gelu
-        vision_feature_select_strategy=SELECT_FEATURE_TO_STRATEGY[select_feature],
+        vision_feature_select_strategy=strategy,
         vision_feature_layer=original.get("mm_vision_select_layer", -2),
-        image_seq_length=num_image_features(
-            vision_config, vision_config.image_size, vision_config.image_size, SELECT_FEATURE_TO_STRATEGY[select_feature]
-        ),
+        image_seq_length=num_image_features(vision_config, *(vision_config.image_size,) * 2, strategy),
         multimodal_projector_bias=True,
         tie_word_embeddings=text_config.tie_word_embeddings,
     )
@@ -328,7 +327,7 @@ def _clip_vision_config(tower_dir: Path) -> CLIPVisionConfig:
 
 
 def _build_processor(tokenizer, image_settings: dict, chat_template: str | None = CHAT_TEMPLATE, **processor_kwargs):
-    """A `LlavaExtProcessor` (saved with its code) around `tokenizer` and a `LlavaExtImageProcessor(**image_settings)`."""
+    """A `LlavaExtProcessor` (saved with its code) of `tokenizer` and `LlavaExtImageProcessor(**image_settings)`."""
     return LlavaExtProcessor(
         image_processor=LlavaExtImageProcessor(**image_settings),
         tokenizer=tokenizer,
@@ -415,8 +414,8 @@ def export_checkpoint(
     config_dict = read_json(src_dir / "config.json")
     if config_dict.get("model_type") not in ("llava_ext", "llava"):
         raise ValueError(
-            f"{src_dir} has model_type={config_dict.get('model_type')!r}; `export` takes a llava_ext checkpoint (convert "
-            "an original LLaVA checkpoint with `llava-ext convert` first)."
+            f"{src_dir} has model_type={config_dict.get('model_type')!r}; `export` takes a llava_ext checkpoint "
+            "(convert an original LLaVA checkpoint with `llava-ext convert` first)."
         )
     stock_config = LlavaConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type")})
     stock_config.architectures = ["LlavaForConditionalGeneration"]
