@@ -36,7 +36,7 @@ from .modeling_llava_ext import LlavaExtForConditionalGeneration
 from .train import DataArguments, ModelArguments, train
 
 # The world the demo draws from
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200)}
 SHAPE_QUESTIONS = ("What shape is shown?", "Which shape is in the image?", "Name the shape.")
@@ -85,8 +85,8 @@ def draw_shape(shape: str, color: str, rng: random.Random, size: int = IMAGE_SIZ
     background = np.clip(noise - 128 + base, 0, 255).astype(np.uint8)
     image = Image.fromarray(background, "RGB")
     draw = ImageDraw.Draw(image)
-    radius = rng.uniform(0.25, 0.4) * size
-    cx, cy = (rng.uniform(radius, size - radius) for _ in range(2))
+    radius = rng.uniform(0.3, 0.45) * size  # large and near the centre: the silhouette spans several patches
+    cx, cy = (size / 2 + rng.uniform(-0.12, 0.12) * size for _ in range(2))
     fill = tuple(int(min(255, max(0, c + rng.randint(-20, 20)))) for c in COLORS[color])
     if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
@@ -94,10 +94,12 @@ def draw_shape(shape: str, color: str, rng: random.Random, size: int = IMAGE_SIZ
         half = radius * 0.85
         draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
     elif shape == "triangle":
-        points = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-        draw.polygon(points, fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
+        angles = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        draw.polygon([(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles], fill=fill)
+    elif shape == "cross":
+        arm = radius * 0.35
+        draw.rectangle([cx - radius, cy - arm, cx + radius, cy + arm], fill=fill)
+        draw.rectangle([cx - arm, cy - radius, cx + arm, cy + radius], fill=fill)
     else:
         raise ValueError(f"shape={shape!r} is not drawable; choose one of {SHAPES}.")
     return image
@@ -194,13 +196,13 @@ def _training_arguments(output_dir: Path, settings: DemoSettings, stage: int) ->
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.stage1_learning_rate if stage1 else settings.stage2_learning_rate,
         weight_decay=0.0,
-        warmup_ratio=0.03,
+        warmup_steps=0.03,
         lr_scheduler_type="cosine",
         logging_steps=20,
         save_strategy="no",
         report_to="none",
         seed=settings.seed,
-        dataloader_num_workers=0,
+        dataloader_num_workers=1,  # collation (tokenize + image processing) overlaps the step
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not settings.show_progress,
         log_level="info" if settings.show_progress else "warning",
@@ -251,11 +253,19 @@ def run_demo(output_dir: str | Path = "llava-ext-demo", quick: bool = False, sho
     Returns:
         `DemoResult` with accuracy on held-out images, wall time and a few sample answers.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices gain nothing from more threads; the data worker takes the other core
+    try:
+        return _run_demo_steps(Path(output_dir), quick, show_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo_steps(output_dir: Path, quick: bool, show_progress: bool) -> DemoResult:
     started = time.perf_counter()
     settings = DemoSettings.quick() if quick else DemoSettings()
     settings.show_progress = show_progress
     torch.manual_seed(settings.seed)
-    output_dir = Path(output_dir)
     data = output_dir / "data"
     train_path = make_shapes_dataset(data, settings.train_images, seed=settings.seed, split="train")
     eval_path = make_shapes_dataset(data, settings.eval_questions, seed=settings.seed + 1, split="heldout")

@@ -1,0 +1,185 @@
+"""Trainer wiring: parity with transformers' LLaVA, what each recipe trains, checkpoints, LoRA merge, torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llava_config
+from PIL import Image
+from safetensors.torch import load_file
+from test_data import SAMPLES, make_processor
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, TrainingArguments
+
+from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
+from llava_ext.data import LlavaExtDataCollator
+from llava_ext.train import LlavaExtTrainer, merge_lora, parse_config, train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FAST = ["--bf16", "false", "--use_cpu", "true", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "2",
+        "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--model_max_length", "128"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A saved tiny LLaVA + processor and a 4-sample LLaVA-format dataset with images."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config().to_dict()))
+    model.save_pretrained(root / "init")
+    make_processor().save_pretrained(root / "init")
+    records = []
+    for index, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]):
+        Image.new("RGB", (32, 32), color).save(root / f"{index}.png")
+        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": f"color {index}"}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def run_recipe(workdir, recipe, name, *extra):
+    output = workdir / name
+    shutil.rmtree(output, ignore_errors=True)
+    args = parse_config(CONFIGS / recipe, [
+        "--model_name_or_path", str(workdir / "init"), "--data_path", str(workdir / "data.json"),
+        "--output_dir", str(output), *FAST, *extra,
+    ])
+    train(*args)
+    return output, args
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(Path(path) / "model.safetensors")
+
+
+def test_one_trainer_step_matches_transformers_llava(tmp_path):
+    """A real Trainer step with SGD at lr 1: the weight change is minus the gradient, the log holds the loss."""
+    config = tiny_llava_config()
+    ours = LlavaExtForConditionalGeneration(LlavaExtConfig(**config.to_dict()))
+    ours.save_pretrained(tmp_path / "init")
+    reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "init")
+    batch = LlavaExtDataCollator(make_processor())(SAMPLES)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=1, optim="sgd", learning_rate=1.0,
+        lr_scheduler_type="constant", max_grad_norm=0.0, per_device_train_batch_size=len(SAMPLES),
+        disable_tqdm=True, save_strategy="no",
+    )
+    losses, updates = [], []
+    for model in (ours, reference):
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        trainer = LlavaExtTrainer(model=model, args=args, train_dataset=[dict(batch)], data_collator=lambda x: x[0])
+        losses.append(trainer.train().training_loss)
+        updates.append({name.replace("vision_tower.vision_model.", "vision_tower."): before[name] - p.detach()
+                        for name, p in model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] > 0
+    assert updates[0].keys() == updates[1].keys()
+    assert sum(bool(update.abs().sum()) for update in updates[0].values()) > 30
+    for name in updates[0]:
+        torch.testing.assert_close(updates[0][name], updates[1][name], msg=name)
+
+
+def test_recipe_values_and_overrides():
+    model_args, data_args, training_args = parse_config(
+        CONFIGS / "pretrain-projector.yaml",
+        ["--model_name_or_path", "m", "--data_path", "d.json", "--learning_rate", "5e-4", "--bf16", "false"],
+    )
+    assert (model_args.freeze_vision_tower, model_args.freeze_projector, model_args.freeze_language_model) == (
+        True, False, True)
+    assert training_args.learning_rate == 5e-4  # the command line wins
+    assert training_args.weight_decay == 0.0 and training_args.warmup_steps == 0.03
+    assert training_args.lr_scheduler_type == "cosine" and training_args.activation_checkpointing
+    _, _, stage2 = parse_config(CONFIGS / "finetune.yaml", ["--data_path", "d.json", "--bf16", "false"])
+    assert stage2.learning_rate == 2e-5
+    lora, _, _ = parse_config(CONFIGS / "finetune-lora.yaml", ["--data_path", "d.json", "--bf16", "false"])
+    assert (lora.lora_enable, lora.lora_r, lora.lora_alpha) == (True, 128, 256)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model_name_or_path: m\ndata_path: d\nlearnig_rate: 1.0e-3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['learnig_rate'\]"):
+        parse_config(tmp_path / "bad.yaml")
+
+
+def test_stage1_trains_only_the_projector_and_checkpoints_load(workdir):
+    output, _ = run_recipe(workdir, "pretrain-projector.yaml", "stage1", "--max_steps", "3",
+                           "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "5")
+    before, after = weights(workdir / "init"), weights(output)
+    assert before.keys() == after.keys()
+    for name in before:
+        if "multi_modal_projector" in name:
+            assert not torch.equal(before[name], after[name]), f"{name} did not train"
+        else:
+            assert torch.equal(before[name], after[name]), f"{name} changed in stage 1"
+    for folder in (output, output / "checkpoint-2"):  # final and mid-run checkpoints carry code and processor
+        assert (folder / "modeling_llava_ext.py").is_file()
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__name__ == "LlavaExtForConditionalGeneration"
+        assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+
+def test_stage2_leaves_vision_tower_and_resumes(workdir):
+    stage2 = ["--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "1"]
+    output, _ = run_recipe(workdir, "finetune.yaml", "stage2", "--max_steps", "1", *stage2)
+    assert json.loads((output / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+    resumed = parse_config(CONFIGS / "finetune.yaml", [
+        "--model_name_or_path", str(workdir / "init"), "--data_path", str(workdir / "data.json"),
+        "--output_dir", str(output), *FAST, "--max_steps", "2", *stage2, "--resume_from_checkpoint", "last"])
+    assert train(*resumed).global_step == 2
+    before, after = weights(workdir / "init"), weights(output)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert not any("vision_tower" in name for name in changed)
+    assert any("multi_modal_projector" in name for name in changed)
+    # on disk the keys follow transformers' llava layout (language_model.model.layers..., language_model.lm_head)
+    assert any("language_model" in name and ".layers." in name for name in changed)
+    assert any("lm_head" in name for name in changed)
+
+
+def test_lora_with_checkpointing_trains_and_merge_matches(workdir):
+    output, _ = run_recipe(workdir, "finetune-lora.yaml", "lora", "--max_steps", "2", "--learning_rate", "1e-2",
+                           "--lora_r", "4", "--lora_alpha", "8")
+    adapter = load_file(output / "adapter_model.safetensors")
+    assert any("multi_modal_projector" in name for name in adapter), "projector must be saved with the adapter"
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+    assert AutoProcessor.from_pretrained(output, trust_remote_code=True) is not None
+
+    merged_dir = merge_lora(output, workdir / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, trust_remote_code=True).eval()
+    with_adapter = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True).eval()
+    base = AutoModelForImageTextToText.from_pretrained(workdir / "init", trust_remote_code=True).eval()
+    batch = LlavaExtDataCollator(make_processor())(SAMPLES)
+    batch.pop("labels")
+    with torch.no_grad():
+        merged_logits, adapter_logits, base_logits = (m(**batch).logits for m in (merged, with_adapter, base))
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
+    before, after = weights(workdir / "init"), weights(merged_dir)
+    projector = [name for name in before if "multi_modal_projector" in name]
+    assert projector and all(not torch.equal(before[name], after[name]) for name in projector)
+    vision = [name for name in before if "vision_tower" in name]
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(workdir):
+    output = workdir / "ddp"
+    shutil.rmtree(output, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llava_ext.cli", "train",
+        str(CONFIGS / "finetune.yaml"), "--model_name_or_path", str(workdir / "init"),
+        "--data_path", str(workdir / "data.json"), "--output_dir", str(output), *FAST, "--max_steps", "3",
+        "--save_strategy", "steps", "--save_steps", "2", "--log_level", "info",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in result.stdout + result.stderr
+    for folder in (output, output / "checkpoint-2"):
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__name__ == "LlavaExtForConditionalGeneration"
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
