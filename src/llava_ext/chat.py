@@ -258,13 +258,15 @@ class ChatSession:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        started = False
+        # The answer is recorded stripped; stream the same text: drop leading whitespace, hold trailing whitespace
+        # back until more text follows it.
+        held = None
         for chunk in streamer:
-            if not started:  # the answer is recorded stripped; stream the same text
-                chunk = chunk.lstrip()
-                started = bool(chunk)
-            if chunk:
-                yield chunk
+            chunk = chunk.lstrip() if held is None else held + chunk
+            text = chunk.rstrip()
+            if text:
+                yield text
+            held = chunk[len(text) :] if text or held is not None else None
         thread.join()
         if "error" in result:
             self._forget_question(num_images)
@@ -288,11 +290,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "chat",
         help="chat with a LLaVA model in the terminal (streaming, multi-turn, KV cache reused between turns)",
         description=(
-            "Interactive chat: type a question and press Enter; the answer streams as it is generated. Commands: "
-            "'/image PATH_OR_URL' adds an image to the next question, '/reset' starts a new conversation, '/exit' "
-            "quits. Reads questions from a pipe too (one per line)."
+            "Interactive chat: type a question and press Enter; the answer streams as it is generated.\n"
+            "Commands: '/image PATH_OR_URL' adds an image to the next question, '/reset' starts a new conversation,\n"
+            "'/exit' quits. Questions can come from a pipe too, one a line."
         ),
         epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the example on one line
     )
     parser.add_argument("model", metavar="MODEL", help="local checkpoint directory or Hugging Face Hub id")
     parser.add_argument("--image", action="append", default=[], help="image path or URL for the first question")
