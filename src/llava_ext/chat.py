@@ -35,7 +35,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 CACHE_BLOCK = 1024  # static-cache capacity grows in these steps; each new capacity recompiles the decode step once
 
 
-def _compile_config(device: torch.device) -> CompileConfig:
+def decode_compile_config(device: torch.device) -> CompileConfig:
     """Decode-step compile settings: CUDA graphs on CUDA; on CPU, inductor with frozen (pre-packed) weights."""
     if device.type == "cuda":
         return CompileConfig()
@@ -45,7 +45,7 @@ def _compile_config(device: torch.device) -> CompileConfig:
     return config
 
 
-def _truncate_cache(cache, length: int) -> None:
+def truncate_cache(cache, length: int) -> None:
     """Keep the first `length` positions of `cache` (static or dynamic)."""
     current = int(cache.get_seq_length())
     if current <= length:
@@ -185,7 +185,7 @@ class ChatSession:
                 # (new_images, channels, height, width): earlier images are already in the cache
                 kwargs["pixel_values"] = pixel_values[first_new_image:].to(self.model.device, self.model.dtype)
         if self.compile:
-            kwargs["compile_config"] = _compile_config(self.model.device)
+            kwargs["compile_config"] = decode_compile_config(self.model.device)
         elif isinstance(cache, StaticCache):
             kwargs["disable_compile"] = True  # transformers would compile a static cache on CUDA by itself
         if "temperature" in generate_kwargs and "do_sample" not in generate_kwargs:
@@ -207,7 +207,7 @@ class ChatSession:
         elif cache is None:
             cache = DynamicCache(config=self.model.config)
         self._cache = cache
-        _truncate_cache(cache, reused)
+        truncate_cache(cache, reused)
         self._cached_ids = self._cached_ids[:reused]
         return cache, reused
 
@@ -402,4 +402,7 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ChatSession", "add_parser", "load_model_and_processor", "run_chat"]
+__all__ = [
+    "CACHE_BLOCK", "ChatSession", "add_parser", "decode_compile_config", "load_model_and_processor", "run_chat",
+    "truncate_cache",
+]
