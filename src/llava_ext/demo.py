@@ -51,10 +51,10 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 class DemoSettings:
     """Sizes and schedule of one demo run (`quick()` is the CI variant)."""
 
-    train_images: int = 2000
+    train_images: int = 8000
     eval_questions: int = 200
-    stage1_epochs: float = 1.0
-    stage2_epochs: float = 6.0
+    stage1_epochs: float = 0.5
+    stage2_epochs: float = 3.0
     batch_size: int = 32
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 2e-3
@@ -63,7 +63,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(train_images=400, eval_questions=100, stage1_epochs=0.5, stage2_epochs=3.0)
+        return cls(train_images=800, eval_questions=100, stage1_epochs=0.25, stage2_epochs=2.0)
 
 
 @dataclass
@@ -80,13 +80,13 @@ class DemoResult:
 
 def draw_shape(shape: str, color: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """One `size` x `size` RGB image: a `color` `shape` of random size and place on a noisy grey background."""
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(128, 30, (size, size, 3))
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(128, 15, (size, size, 3))
     base = rng.randint(60, 190)
     background = np.clip(noise - 128 + base, 0, 255).astype(np.uint8)
     image = Image.fromarray(background, "RGB")
     draw = ImageDraw.Draw(image)
-    radius = rng.uniform(0.3, 0.45) * size  # large and near the centre: the silhouette spans several patches
-    cx, cy = (size / 2 + rng.uniform(-0.12, 0.12) * size for _ in range(2))
+    radius = rng.uniform(0.33, 0.45) * size  # large and near the centre: the silhouette spans several patches
+    cx, cy = (size / 2 + rng.uniform(-0.06, 0.06) * size for _ in range(2))
     fill = tuple(int(min(255, max(0, c + rng.randint(-20, 20)))) for c in COLORS[color])
     if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
