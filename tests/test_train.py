@@ -91,7 +91,7 @@ def test_recipe_values_and_overrides():
         True, False, True)
     assert training_args.learning_rate == 5e-4  # the command line wins
     assert training_args.weight_decay == 0.0 and training_args.warmup_steps == 0.03
-    assert training_args.lr_scheduler_type == "cosine" and training_args.activation_checkpointing
+    assert training_args.lr_scheduler_type == "cosine" and training_args.gradient_checkpointing
     _, _, stage2 = parse_config(CONFIGS / "finetune.yaml", ["--data_path", "d.json", "--bf16", "false"])
     assert stage2.learning_rate == 2e-5
     lora, _, _ = parse_config(CONFIGS / "finetune-lora.yaml", ["--data_path", "d.json", "--bf16", "false"])

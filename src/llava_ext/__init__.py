@@ -4,14 +4,11 @@ Importing the package registers its classes with transformers' Auto classes and 
 saved checkpoint carries its own code and loads with `trust_remote_code=True` where llava_ext is not installed.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+# transformers < 5.2x exports a torchvision-gated placeholder as `transformers.AutoImageProcessor`; the module's
+# class is the real one on every version, and registering a PIL image processor needs no torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .configuration_llava_ext import LlavaExtConfig
 from .image_processing_llava_ext import LlavaExtImageProcessor

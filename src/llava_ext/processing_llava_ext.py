@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava.processing_llava import LlavaProcessor
+from transformers.processing_utils import ProcessorMixin
 
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 CHAT_TEMPLATE_NAMES = ("llava-1.5", "mistral", "chatml", "llama-3")
@@ -49,6 +50,18 @@ def _resolve_template(chat_template: str | dict | None) -> str | dict | None:
     if isinstance(chat_template, str) and "{" not in chat_template:  # any real template has a {{ or {% in it
         return load_chat_template(chat_template)
     return chat_template
+
+
+def _has_image(conversation: list) -> bool:
+    """Whether a conversation (or a batch of them) has an image part in any message."""
+    conversations = conversation if conversation and isinstance(conversation[0], list) else [conversation]
+    return any(
+        isinstance(part, dict) and part.get("type") == "image"
+        for messages in conversations
+        for message in messages
+        if not isinstance(message["content"], str)
+        for part in message["content"]
+    )
 
 
 class LlavaExtProcessor(LlavaProcessor):
@@ -99,6 +112,21 @@ class LlavaExtProcessor(LlavaProcessor):
             num_additional_image_tokens=num_additional_image_tokens,
             **kwargs,
         )
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`, refusing assistant masks that this transformers would misalign."""
+        # Older transformers (5.17) map the template's assistant spans onto the text *after* each '<image>' was
+        # expanded, so the mask lands on prompt or image tokens: a silently wrong training label.
+        if (
+            kwargs.get("return_assistant_tokens_mask")
+            and not hasattr(ProcessorMixin, "_adjust_assistant_masks_indices")
+            and _has_image(conversation)
+        ):
+            raise ValueError(
+                "return_assistant_tokens_mask with images needs a newer transformers: this version misaligns the mask "
+                "after image-token expansion. Upgrade transformers (5.23 works), or mask without images."
+            )
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def _resolve_chat_template(self, chat_template: str | None) -> str:
         if isinstance(chat_template, str) and "{" not in chat_template and not (

@@ -248,7 +248,7 @@ def build_trainer(
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
     model.config.use_cache = False  # the cache is useless in training and wasteful with checkpointing
     freeze_parameters(model, model_args)
-    if training_args.activation_checkpointing:
+    if getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing:
         # Checkpointed blocks whose inputs need no grad return outputs without grad when the embeddings are frozen
         # (LoRA, stage 1): "element 0 of tensors does not require grad".
         model.enable_input_require_grads()
