@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,7 +44,6 @@ SHAPE_QUESTIONS = ("What shape is shown?", "Which shape is in the image?", "Name
 COLOR_QUESTIONS = ("What color is the shape?", "Which color does the shape have?", "Name the color.")
 CHANCE_ACCURACY = 0.5 * (1 / len(SHAPES) + 1 / len(COLORS))  # half the questions about each
 
-IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 image tokens a sample: short sequences, fast steps
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
 
@@ -51,6 +51,13 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 class DemoSettings:
     """Sizes and schedule of one demo run (`quick()` is the CI variant)."""
 
+    # Images and the tiny ViT
+    image_size: int = 32
+    patch_size: int = 8  # 16 image tokens a sample: short sequences, fast steps
+    vision_hidden_size: int = 128  # the ViT learns from scratch: width is cheap next to the LM and helps shapes most
+    vision_layers: int = 3
+    vision_feature_select_strategy: Literal["default", "full"] = "full"  # the CLS token is one more summary token
+    # Data and schedule
     train_images: int = 8000
     eval_questions: int = 200
     stage1_epochs: float = 0.5
@@ -78,7 +85,7 @@ class DemoResult:
     chance: float = CHANCE_ACCURACY
 
 
-def draw_shape(shape: str, color: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+def draw_shape(shape: str, color: str, rng: random.Random, size: int = 32) -> Image.Image:
     """One `size` x `size` RGB image: a `color` `shape` of random size and place on a noisy grey background."""
     noise = np.random.default_rng(rng.randrange(2**32)).normal(128, 15, (size, size, 3))
     base = rng.randint(60, 190)
@@ -105,7 +112,7 @@ def draw_shape(shape: str, color: str, rng: random.Random, size: int = IMAGE_SIZ
     return image
 
 
-def make_shapes_dataset(folder: str | Path, num_images: int, seed: int, split: str) -> Path:
+def make_shapes_dataset(folder: str | Path, num_images: int, seed: int, split: str, image_size: int = 32) -> Path:
     """Draw `num_images` shapes into `folder/images/` and write `folder/{split}.json` in the LLaVA format.
 
     Each sample asks about the shape and the colour in random order (stage 2), and `folder/{split}-captions.json`
@@ -121,7 +128,7 @@ def make_shapes_dataset(folder: str | Path, num_images: int, seed: int, split: s
     for index in range(num_images):
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         name = f"images/{split}-{index:05d}.png"
-        draw_shape(shape, color, rng).save(folder / name)
+        draw_shape(shape, color, rng, image_size).save(folder / name)
         turns = [(rng.choice(SHAPE_QUESTIONS), shape), (rng.choice(COLOR_QUESTIONS), color)]
         rng.shuffle(turns)
         conversation = []
@@ -155,36 +162,38 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     )
 
 
-def build_tiny_llava(tokenizer: PreTrainedTokenizerFast) -> LlavaExtForConditionalGeneration:
-    """A tiny LLaVA from config: 2-layer CLIP-style ViT (32 px, patch 8) + 2-layer Llama (hidden 128)."""
+def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, settings: DemoSettings) -> LlavaExtForConditionalGeneration:
+    """A tiny LLaVA from config: a CLIP-style ViT sized by `settings` + a 2-layer Llama (hidden 128)."""
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE, projection_dim=64,
+        hidden_size=settings.vision_hidden_size, intermediate_size=2 * settings.vision_hidden_size,
+        num_hidden_layers=settings.vision_layers, num_attention_heads=4, image_size=settings.image_size,
+        patch_size=settings.patch_size, projection_dim=64,
     )
     text = LlamaConfig(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
+    strategy = settings.vision_feature_select_strategy
     config = LlavaExtConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
+        image_seq_length=(settings.image_size // settings.patch_size) ** 2 + (strategy == "full"),
+        vision_feature_layer=-1, vision_feature_select_strategy=strategy,
     )
     return LlavaExtForConditionalGeneration(config)
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast):
-    """The library's processor with the `llava-1.5` template, resizing to the tiny ViT's 32 px."""
+def build_processor(tokenizer: PreTrainedTokenizerFast, settings: DemoSettings):
+    """The library's processor with the `llava-1.5` template, resizing to the tiny ViT's input size."""
     from .image_processing_llava_ext import LlavaExtImageProcessor
     from .processing_llava_ext import LlavaExtProcessor
 
-    image_processor = LlavaExtImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    size = settings.image_size
+    image_processor = LlavaExtImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaExtProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default", chat_template="llava-1.5", num_additional_image_tokens=1,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=settings.patch_size,
+        vision_feature_select_strategy=settings.vision_feature_select_strategy, chat_template="llava-1.5",
+        num_additional_image_tokens=1,
     )
 
 
@@ -242,40 +251,47 @@ def evaluate(model_dir: str | Path, data_path: str | Path, num_questions: int, b
     return accuracy, results
 
 
-def run_demo(output_dir: str | Path = "llava-ext-demo", quick: bool = False, show_progress: bool = True) -> DemoResult:
+def run_demo(
+    output_dir: str | Path = "llava-ext-demo",
+    quick: bool = False,
+    show_progress: bool = True,
+    settings: DemoSettings | None = None,
+) -> DemoResult:
     """Generate data, build a tiny LLaVA, train stage 1 and stage 2, reload from disk and measure accuracy.
 
     Args:
         output_dir (`str`): where data, the initial model, the stage-1 and the final checkpoint go.
         quick (`bool`): the shortened CI schedule (fewer images and steps; accuracy well above chance, not 95%).
         show_progress (`bool`): show Trainer's progress bars and logs.
+        settings (`DemoSettings`, *optional*): sizes and schedule; overrides `quick`.
 
     Returns:
         `DemoResult` with accuracy on held-out images, wall time and a few sample answers.
     """
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    settings.show_progress = show_progress
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices gain nothing from more threads; the data worker takes the other core
     try:
-        return _run_demo_steps(Path(output_dir), quick, show_progress)
+        return _run_demo_steps(Path(output_dir), settings)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo_steps(output_dir: Path, quick: bool, show_progress: bool) -> DemoResult:
+def _run_demo_steps(output_dir: Path, settings: DemoSettings) -> DemoResult:
     started = time.perf_counter()
-    settings = DemoSettings.quick() if quick else DemoSettings()
-    settings.show_progress = show_progress
     torch.manual_seed(settings.seed)
     data = output_dir / "data"
-    train_path = make_shapes_dataset(data, settings.train_images, seed=settings.seed, split="train")
-    eval_path = make_shapes_dataset(data, settings.eval_questions, seed=settings.seed + 1, split="heldout")
+    size = settings.image_size
+    train_path = make_shapes_dataset(data, settings.train_images, settings.seed, "train", size)
+    eval_path = make_shapes_dataset(data, settings.eval_questions, settings.seed + 1, "heldout", size)
 
     records = json.loads(train_path.read_text()) + json.loads((data / "train-captions.json").read_text())
     corpus = [turn["value"] for record in records for turn in record["conversations"]]
     corpus += ["USER: ASSISTANT: SYSTEM: A chat between a curious human and an artificial intelligence assistant."]
     tokenizer = train_tokenizer(corpus)
-    processor = build_processor(tokenizer)
-    model = build_tiny_llava(tokenizer)
+    processor = build_processor(tokenizer, settings)
+    model = build_tiny_llava(tokenizer, settings)
     initial = output_dir / "initial"
     model.save_pretrained(initial)
     processor.save_pretrained(initial)
