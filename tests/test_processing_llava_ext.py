@@ -201,3 +201,16 @@ def test_pipeline_answers_a_chat_like_generate(tmp_path):
     assert len(generated) == 6 and len(answer) == 6
     assert answer == processor.decode(generated, skip_special_tokens=True)
     assert processor.tokenizer(answer, add_special_tokens=False)["input_ids"] == generated.tolist()
+
+
+def test_image_assistant_masks_are_refused_where_transformers_would_misalign_them(monkeypatch):
+    from transformers.processing_utils import ProcessorMixin
+
+    processor, _ = processors()
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "image": image(0)}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
+    ]
+    monkeypatch.delattr(ProcessorMixin, "_adjust_assistant_masks_indices", raising=False)  # as transformers 5.17
+    with pytest.raises(ValueError, match="misaligns the mask after image-token expansion"):
+        processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)

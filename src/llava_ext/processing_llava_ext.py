@@ -114,7 +114,11 @@ class LlavaExtProcessor(LlavaProcessor):
         )
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        """`ProcessorMixin.apply_chat_template`, refusing assistant masks that this transformers would misalign."""
+        """`ProcessorMixin.apply_chat_template`; `chat_template` may also be a bundled template name."""
+        if isinstance(chat_template, str) and "{" not in chat_template and not (
+            isinstance(self.chat_template, dict) and chat_template in self.chat_template
+        ):
+            chat_template = load_chat_template(chat_template)
         # Older transformers (5.17) map the template's assistant spans onto the text *after* each '<image>' was
         # expanded, so the mask lands on prompt or image tokens: a silently wrong training label.
         if (
@@ -127,13 +131,6 @@ class LlavaExtProcessor(LlavaProcessor):
                 "after image-token expansion. Upgrade transformers (5.23 works), or mask without images."
             )
         return super().apply_chat_template(conversation, chat_template, **kwargs)
-
-    def _resolve_chat_template(self, chat_template: str | None) -> str:
-        if isinstance(chat_template, str) and "{" not in chat_template and not (
-            isinstance(self.chat_template, dict) and chat_template in self.chat_template
-        ):
-            chat_template = load_chat_template(chat_template)
-        return super()._resolve_chat_template(chat_template)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if text is not None and (images is not None or self.image_token in str(text)):
