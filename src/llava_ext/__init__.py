@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 # class is the real one on every version, and registering a PIL image processor needs no torchvision.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
+from .chat import ChatSession
 from .configuration_llava_ext import LlavaExtConfig
 from .image_processing_llava_ext import LlavaExtImageProcessor
 from .modeling_llava_ext import (
@@ -37,6 +38,7 @@ LlavaExtImageProcessor.register_for_auto_class("AutoImageProcessor")
 LlavaExtProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "ChatSession",
     "ImageTokenMismatchError",
     "LlavaExtConfig",
     "LlavaExtForConditionalGeneration",
