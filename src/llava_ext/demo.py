@@ -58,7 +58,7 @@ class DemoSettings:
     vision_layers: int = 3
     vision_feature_select_strategy: Literal["default", "full"] = "full"  # the CLS token is one more summary token
     # Data and schedule
-    train_images: int = 8000
+    train_images: int = 10000
     eval_questions: int = 200
     stage1_epochs: float = 0.5
     stage2_epochs: float = 3.0
@@ -70,7 +70,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(train_images=800, eval_questions=100, stage1_epochs=0.25, stage2_epochs=2.0)
+        return cls(train_images=1200, eval_questions=100, stage1_epochs=0.25, stage2_epochs=2.0)
 
 
 @dataclass
@@ -92,7 +92,9 @@ def draw_shape(shape: str, color: str, rng: random.Random, size: int = 32) -> Im
     background = np.clip(noise - 128 + base, 0, 255).astype(np.uint8)
     image = Image.fromarray(background, "RGB")
     draw = ImageDraw.Draw(image)
-    radius = rng.uniform(0.33, 0.45) * size  # large and near the centre: the silhouette spans several patches
+    # Large and near the centre, in a narrow size range: a circle's rim and a square's corners never reach the same
+    # distance from the centre, so 8-pixel patches tell them apart (sizes 0.33-0.45 left ~10% of circles as squares).
+    radius = rng.uniform(0.38, 0.45) * size
     cx, cy = (size / 2 + rng.uniform(-0.06, 0.06) * size for _ in range(2))
     fill = tuple(int(min(255, max(0, c + rng.randint(-20, 20)))) for c in COLORS[color])
     if shape == "circle":
