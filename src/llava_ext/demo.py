@@ -53,7 +53,7 @@ class DemoSettings:
 
     # Images and the tiny ViT
     image_size: int = 32
-    patch_size: int = 8  # 16 image tokens a sample: short sequences, fast steps
+    patch_size: int = 8  # 16 patches + CLS = 17 image tokens a sample: short sequences, fast steps
     vision_hidden_size: int = 128  # the ViT learns from scratch: width is cheap next to the LM and helps shapes most
     vision_layers: int = 3
     vision_feature_select_strategy: Literal["default", "full"] = "full"  # the CLS token is one more summary token
