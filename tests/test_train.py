@@ -183,3 +183,9 @@ def test_torchrun_two_processes(workdir):
         assert type(model).__name__ == "LlavaExtForConditionalGeneration"
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_lora_without_peft_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "peft", None)  # importing peft now raises ImportError
+    with pytest.raises(ImportError, match=r"need peft.*llava-ext\[train\]"):
+        merge_lora(tmp_path, tmp_path / "out")

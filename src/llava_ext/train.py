@@ -201,9 +201,22 @@ def lora_target_regex(model: PreTrainedModel) -> str:
     return rf"{re.escape(prefix)}\..*\.({'|'.join(leaves)})"
 
 
+def _import_peft():
+    """peft, an optional dependency needed only for LoRA; a clear error naming the install when it is missing."""
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError(
+            "LoRA training and merge-lora need peft, which is not installed: pip install 'llava-ext[train]' "
+            "(or pip install peft), or set lora_enable: false."
+        ) from error
+    return peft
+
+
 def apply_lora(model: PreTrainedModel, model_args: ModelArguments):
     """Wrap `model` in a PEFT LoRA model: adapters on the language model, the projector trained and saved in full."""
-    from peft import LoraConfig, get_peft_model  # optional dependency, needed only for LoRA runs
+    peft = _import_peft()
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     config = LoraConfig(
         r=model_args.lora_r,
@@ -313,7 +326,8 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, ba
     Returns:
         `output_dir`.
     """
-    from peft import PeftConfig, PeftModel
+    peft = _import_peft()
+    PeftConfig, PeftModel = peft.PeftConfig, peft.PeftModel
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(
