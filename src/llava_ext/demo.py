@@ -33,8 +33,10 @@ from transformers import (
 )
 
 from .configuration_llava_ext import LlavaExtConfig
+from .data import LlavaConversationDataset
 from .modeling_llava_ext import LlavaExtForConditionalGeneration
 from .train import DataArguments, ModelArguments, train
+from .vision import num_image_features
 
 # The world the demo draws from
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -179,7 +181,7 @@ def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, settings: DemoSettings)
     strategy = settings.vision_feature_select_strategy
     config = LlavaExtConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(settings.image_size // settings.patch_size) ** 2 + (strategy == "full"),
+        image_seq_length=num_image_features(vision, settings.image_size, settings.image_size, strategy),
         vision_feature_layer=-1, vision_feature_select_strategy=strategy,
     )
     return LlavaExtForConditionalGeneration(config)
@@ -230,18 +232,16 @@ def evaluate(model_dir: str | Path, data_path: str | Path, num_questions: int, b
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     processor.tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    records = json.loads(Path(data_path).read_text())[:num_questions]
-    folder = Path(data_path).parent
+    dataset = LlavaConversationDataset(data_path)
+    num_questions = min(num_questions, len(dataset))
     results = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        conversations, expected = [], []
-        for record in batch:
-            question, answer = record["conversations"][0]["value"].replace("<image>\n", ""), record["conversations"][1]["value"]
-            image = Image.open(folder / record["image"]).convert("RGB")
-            conversations.append([{"role": "user", "content": [{"type": "image", "image": image},
-                                                               {"type": "text", "text": question}]}])
-            expected.append((question, answer))
+    for start in range(0, num_questions, batch_size):
+        items = [dataset[index] for index in range(start, min(start + batch_size, num_questions))]
+        conversations = [item["messages"][:1] for item in items]  # the question (with its image); not the answer
+        expected = [  # (question, answer) of each sample's first turn
+            tuple(next(b["text"] for b in message["content"] if b["type"] == "text") for message in item["messages"][:2])
+            for item in items
+        ]
         inputs = processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
             processor_kwargs={"padding": True},
