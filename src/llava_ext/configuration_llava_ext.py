@@ -103,11 +103,5 @@ class LlavaExtConfig(LlavaConfig):
                 "checkpoint (image id -200) with `llava-ext convert`."
             )
 
-    @property
-    def vision_feature_layers(self) -> list[int]:
-        """`vision_feature_layer` as a list."""
-        layer = self.vision_feature_layer
-        return [layer] if isinstance(layer, int) else list(layer)
-
 
 __all__ = ["LlavaExtConfig"]

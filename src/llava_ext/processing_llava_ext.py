@@ -115,10 +115,10 @@ class LlavaExtProcessor(LlavaProcessor):
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """`ProcessorMixin.apply_chat_template`; `chat_template` may also be a bundled template name."""
-        if isinstance(chat_template, str) and "{" not in chat_template and not (
+        if chat_template is not None and not (
             isinstance(self.chat_template, dict) and chat_template in self.chat_template
         ):
-            chat_template = load_chat_template(chat_template)
+            chat_template = _resolve_template(chat_template)
         # Older transformers (5.17) map the template's assistant spans onto the text *after* each '<image>' was
         # expanded, so the mask lands on prompt or image tokens: a silently wrong training label.
         if (
