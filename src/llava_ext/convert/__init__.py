@@ -34,7 +34,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_llava_ext import LlavaExtConfig
 from ..image_processing_llava_ext import LlavaExtImageProcessor
-from ..modeling_llava_ext import LlavaExtForConditionalGeneration
+from ..modeling_llava_ext import AUTO_MAP, LlavaExtForConditionalGeneration
 from ..processing_llava_ext import LlavaExtProcessor
 from ..vision import num_image_features
 from .io import PlannedTensor, TensorSource, atomic_directory, check_output_free, read_json, resolve_source
@@ -341,8 +341,8 @@ def _save_remote_code_config(config: LlavaExtConfig, out_dir: Path) -> None:
     with torch.device("meta"):  # only the class and its module are needed: no memory, no init
         model = LlavaExtForConditionalGeneration(config)
     config.architectures = [type(model).__name__]
-    custom_object_save(model, out_dir, config=config)
-    custom_object_save(model.model, out_dir, config=config)
+    config.auto_map = dict(AUTO_MAP)  # every Auto class, as LlavaExtPreTrainedModel.save_pretrained writes it
+    custom_object_save(model, out_dir)  # the .py files: modeling_llava_ext.py and its sibling imports
     config.save_pretrained(out_dir)
 
 
