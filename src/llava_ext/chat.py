@@ -330,7 +330,6 @@ def load_model_and_processor(
     Returns:
         `(model, processor)`, the model in eval mode on `device`.
     """
-    import llava_ext  # noqa: F401  registers llava_ext's classes with the Auto classes
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from .processing_llava_ext import LlavaExtProcessor
