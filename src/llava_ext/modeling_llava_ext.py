@@ -155,17 +155,20 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
 
     def check_image_token_count(
         self, special_image_mask: torch.Tensor, pixel_values: torch.Tensor, vision_feature_select_strategy: str
-    ) -> None:
-        """Raise a ValueError naming both counts if the placeholders cannot hold the images' features."""
+    ) -> bool:
+        """Raise a ValueError naming both counts if the placeholders cannot hold the images' features.
+
+        Returns whether the count was checked: False for towers of unknown token layout, and while compiling.
+        """
         height, width = pixel_values.shape[-2:]
         per_image = num_image_features(self.config.vision_config, height, width, vision_feature_select_strategy)
         if per_image is None or torch.compiler.is_compiling():
-            return
+            return False
         num_images = pixel_values.shape[0]
         num_tokens = int(special_image_mask.sum())
         num_features = num_images * per_image
         if num_tokens == num_features:
-            return
+            return True
         if num_tokens == 0:
             cause = "the text has no '<image>' placeholder: put one '<image>' per image in the prompt"
         elif num_tokens % num_images == 0 and abs(num_tokens // num_images - per_image) == 1:
@@ -212,7 +215,7 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         if pixel_values is not None:
             strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
             special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (batch, seq)
-            self.check_image_token_count(special_image_mask, pixel_values, strategy)
+            checked = self.check_image_token_count(special_image_mask, pixel_values, strategy)
             image_features = self.get_image_features(
                 pixel_values,
                 vision_feature_layer=vision_feature_layer,
@@ -221,7 +224,9 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
             ).pooler_output
             # (total_image_tokens, text_hidden)
             image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            if not torch.compiler.is_compiling() and int(special_image_mask.sum()) != image_features.shape[0]:
+            # towers whose token count is unknown up front are checked once their features exist
+            unchecked = not checked and not torch.compiler.is_compiling()
+            if unchecked and int(special_image_mask.sum()) != len(image_features):
                 raise ImageTokenMismatchError(
                     f"Image features and image tokens do not match: the text has {int(special_image_mask.sum())} "
                     f"image tokens, the vision tower gave {image_features.shape[0]} features."
