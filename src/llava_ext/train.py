@@ -39,6 +39,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from .data import LlavaConversationDataset, LlavaExtDataCollator
+from .vision import normalize_layer_indices
 
 VERY_LARGE_MAX_LENGTH = 10**8  # tokenizers without a real limit report int(1e30)
 
@@ -148,9 +149,7 @@ def _vision_layers_in_use(model: PreTrainedModel) -> list[nn.Module]:
     """The vision encoder layers the selected features depend on, in order."""
     tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
     layers = next(module for name, module in tower.named_modules() if name.endswith("layers"))
-    selected = model.config.vision_feature_layer
-    selected = [selected] if isinstance(selected, int) else list(selected)
-    deepest = max(layer % (len(layers) + 1) for layer in selected)
+    deepest = max(normalize_layer_indices(model.config.vision_feature_layer, len(layers)))
     return list(layers[:deepest])
 
 

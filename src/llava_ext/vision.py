@@ -15,6 +15,12 @@ import torch
 from transformers import AutoModel, CLIPVisionModel, PreTrainedConfig, SiglipVisionModel
 
 
+def normalize_layer_indices(layers: int | list[int], num_layers: int) -> list[int]:
+    """`vision_feature_layer` as indices 0..num_layers into the tower's hidden states (0 = the embedding output)."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    return [layer % (num_layers + 1) for layer in layers]
+
+
 class _LayerSelectingTower:
     """Mixin for a CLIP-style tower with `embeddings` and `encoder.layers`; subclasses say how state 0 is made."""
 
@@ -27,8 +33,7 @@ class _LayerSelectingTower:
         self, pixel_values: torch.Tensor, layers: list[int], interpolate_pos_encoding: bool = False, **kwargs
     ) -> list[torch.Tensor]:
         """Hidden states at `layers` (indices into the `num_hidden_layers + 1` states, negatives from the end)."""
-        num_states = len(self.encoder.layers) + 1
-        wanted = [layer % num_states for layer in layers]
+        wanted = normalize_layer_indices(layers, len(self.encoder.layers))
         pixel_values = pixel_values.to(self.embeddings.patch_embedding.weight.dtype)
         hidden_states = self._embed(pixel_values, interpolate_pos_encoding)  # (num_images, num_tokens, vision_hidden)
         kept = {0: hidden_states}
@@ -83,4 +88,10 @@ def num_image_features(
     return num_tokens - int(vision_feature_select_strategy == "default")
 
 
-__all__ = ["LlavaExtCLIPVisionModel", "LlavaExtSiglipVisionModel", "build_vision_tower", "num_image_features"]
+__all__ = [
+    "LlavaExtCLIPVisionModel",
+    "LlavaExtSiglipVisionModel",
+    "build_vision_tower",
+    "normalize_layer_indices",
+    "num_image_features",
+]
