@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
 from llava_ext.data import LlavaExtDataCollator
-from llava_ext.train import LlavaExtTrainer, merge_lora, parse_config, train
+from llava_ext.train import LlavaExtTrainer, ModelArguments, freeze_parameters, merge_lora, parse_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAST = ["--bf16", "false", "--use_cpu", "true", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "2",
@@ -189,3 +189,14 @@ def test_lora_without_peft_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "peft", None)  # importing peft now raises ImportError
     with pytest.raises(ImportError, match=r"need peft.*llava-ext\[train\]"):
         merge_lora(tmp_path, tmp_path / "out")
+
+
+def test_tune_vision_layers_unfreezes_the_last_layers_the_features_read():
+    # 3 vision layers, features from hidden state -2 (= the output of layer index 1): layers 0 and 1 are read
+    model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config(vision_feature_layer=-2).to_dict()))
+    trainable = freeze_parameters(model, ModelArguments(model_name_or_path="unused", tune_vision_layers=1))
+    vision = {name.split(".")[4] for name in trainable if name.startswith("model.vision_tower.encoder.layers.")}
+    assert vision == {"1"}
+    assert not any(name.startswith("model.vision_tower.embeddings") for name in trainable)
+    with pytest.raises(ValueError, match=r"tune_vision_layers=3 but the features are read after layer 2"):
+        freeze_parameters(model, ModelArguments(model_name_or_path="unused", tune_vision_layers=3))
