@@ -23,7 +23,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import SizeDict, is_valid_image, load_image
+from transformers.image_transforms import get_resize_output_image_size
+from transformers.image_utils import ChannelDimension, SizeDict, is_valid_image, load_image
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ImagesKwargs, Unpack
 
@@ -161,7 +162,7 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
                 fill = tuple(int(x * 255) for x in image_mean) if image_mean else (0,)
                 batch = _pad_to_square(batch, fill)
             if do_resize:
-                batch = _resize(batch, _output_size(*batch.shape[-2:], size))
+                batch = _resize(batch, _output_size(batch[0], size))
             if do_center_crop:
                 batch = _center_crop(batch, crop_size.height, crop_size.width)
             batch = _rescale_and_normalize(batch, rescale_factor if do_rescale else 1.0, image_mean, image_std, do_normalize)
@@ -175,12 +176,12 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
 
-def _output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
-    """Resized (height, width) by transformers' rules for `shortest_edge` or `height`/`width` sizes."""
+def _output_size(image: torch.Tensor, size: SizeDict) -> tuple[int, int]:
+    """Resized (height, width) of a channels-first image, by transformers' own rule for the PIL path's sizes."""
     if size.shortest_edge and not size.longest_edge:
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = size.shortest_edge, int(size.shortest_edge * long / short)
-        return (new_long, new_short) if width <= height else (new_short, new_long)
+        return get_resize_output_image_size(
+            image, size=size.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST
+        )
     if size.height and size.width:
         return size.height, size.width
     raise ValueError(
