@@ -147,6 +147,28 @@ def test_bad_cache_implementation_is_named(models, processor):
         ChatSession(models[1], processor, cache_implementation="dynamic", compile=True)
 
 
+def test_compile_is_left_off_when_cpu_memory_is_short(models, processor, monkeypatch, caplog):
+    """Compiling keeps a pre-packed copy of the weights (twice their size while compiling): with less free memory
+    than that the default is the uncompiled decode and a warning, while an explicit compile=True is obeyed."""
+    import psutil
+    from transformers.utils import logging
+
+    ours = models[1]
+    weights = sum(parameter.nbytes for parameter in ours.parameters())
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=weights))
+    logging.get_logger("llava_ext.chat").addHandler(caplog.handler)  # transformers' loggers don't propagate
+    try:
+        short = ChatSession(ours, processor)
+    finally:
+        logging.get_logger("llava_ext.chat").removeHandler(caplog.handler)
+    assert not short.compile
+    assert "Not compiling the decode step" in caplog.text and f"{weights / 2**20:,.0f} MiB more" in caplog.text
+    assert ChatSession(ours, processor, compile=True).compile
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=2 * weights))
+    assert ChatSession(ours, processor).compile
+
+
 def test_unanswered_question_is_forgotten(models, processor):
     session = ChatSession(models[1], processor, cache_implementation="dynamic")
     with pytest.raises(ValueError, match="image"):
