@@ -9,13 +9,14 @@ reference/ours: above 1 is faster). Load time and peak RSS are measured in one f
     python benchmarks/bench_inference.py --size 7b-shapes --device cuda --dtype float16
 
 "decode (chat path)" is what `ChatSession` / `llava-ext chat` run by default: a `StaticCache` and a compiled decode
-step (`llava_ext.chat.decode_compile_config`); its compile warm-up is reported on its own line.
+step (`llava_ext.chat.decode_compile_config` under `decode_compile_settings`: on CPU, frozen weights and inductor's
+C++ GEMM kernels); its compile warm-up is reported on its own line.
 """
 
 import argparse
+import contextlib
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import llava_ext
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
-from llava_ext.chat import CACHE_BLOCK, decode_compile_config, truncate_cache
+from llava_ext.chat import CACHE_BLOCK, decode_compile_config, decode_compile_settings, truncate_cache
 
 SIZES = {
     # name: (vision tower, language model, text tokens, new tokens, batch-8 new tokens)
@@ -177,6 +178,10 @@ class Runner:
             kwargs["disable_compile"] = True
         return kwargs
 
+    def settings(self, path: str):
+        """The chat path runs `generate()` under ChatSession's compile settings (CPU: frozen weights)."""
+        return decode_compile_settings(torch.device(self.device)) if path == "chat" else contextlib.nullcontext()
+
     @torch.no_grad()
     def decode(self, path: str, new_tokens: int, names=("reference", "ours")) -> tuple[dict, dict]:
         """Decode tokens/s: (n - 1) / (time of the last token - time of the first), so prefill is left out."""
@@ -187,7 +192,8 @@ class Runner:
                 return float("nan")
             clock = TokenClock(self.device)
             kwargs = self.decode_kwargs(name, path, new_tokens)
-            outputs[name] = greedy(model, self.inputs, new_tokens, streamer=clock, **kwargs)
+            with self.settings(path):
+                outputs[name] = greedy(model, self.inputs, new_tokens, streamer=clock, **kwargs)
             return (new_tokens - 1) / (clock.times[-1] - clock.times[1])
 
         return self.alternate(measure), outputs
@@ -196,8 +202,9 @@ class Runner:
     def compile_warmup(self, name: str, new_tokens: int) -> float:
         """Seconds the first compiled generate takes beyond a warm one."""
         model = self.models[name]
-        first, _ = timed(lambda: greedy(model, self.inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
-        warm, _ = timed(lambda: greedy(model, self.inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
+        with self.settings("chat"):
+            first, _ = timed(lambda: greedy(model, self.inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
+            warm, _ = timed(lambda: greedy(model, self.inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
         return first - warm
 
     @torch.no_grad()
@@ -257,7 +264,11 @@ load = time.perf_counter() - start
 inputs = build_inputs(model.config, {size!r}, 1, {device!r}, {dtype})
 with torch.no_grad():
     model.generate(**inputs, max_new_tokens=8, do_sample=False)
-print(json.dumps({{"load_s": load, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+try:  # this process's own high-water mark; ru_maxrss would also count the parent it was forked from
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"load_s": load, "peak_rss_mb": peak}}))
 """
 
 
