@@ -31,7 +31,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import llava_ext
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
-from llava_ext.chat import CACHE_BLOCK, decode_compile_config, decode_compile_settings, truncate_cache
+from llava_ext.chat import (
+    CACHE_BLOCK, decode_compile_config, decode_compile_settings, new_static_cache, truncate_cache,
+)
 
 SIZES = {
     # name: (vision tower, language model, text tokens, new tokens, batch-8 new tokens)
@@ -163,7 +165,7 @@ class Runner:
         """A static cache sized as ChatSession sizes it, reused (reset) across calls so compiled graphs stay valid."""
         if name not in self.caches:
             capacity = -(-length // CACHE_BLOCK) * CACHE_BLOCK
-            self.caches[name] = StaticCache(config=self.config, max_cache_len=capacity)
+            self.caches[name] = new_static_cache(self.config, capacity, torch.device(self.device))
         truncate_cache(self.caches[name], 0)
         return self.caches[name]
 

@@ -108,6 +108,13 @@ def test_compiled_decode_equals_plain_decode(models, processor):
             question, images=images, max_new_tokens=MAX_NEW_TOKENS
         )
     assert torch.equal(fast._cached_ids, plain._cached_ids)
+    # A second session's cache has the same shape, so the compiled step is reused; it must decode into the new
+    # session's cache, not the first one's (frozen weights must not freeze the cache).
+    again = ChatSession(ours, processor)
+    question = QUESTIONS[2]
+    assert again.ask(question, max_new_tokens=MAX_NEW_TOKENS) == ChatSession(
+        ours, processor, cache_implementation="dynamic"
+    ).ask(question, max_new_tokens=MAX_NEW_TOKENS)
 
 
 def test_mismatching_cache_is_cut_back_and_answers_stay_equal(models, processor):

@@ -70,6 +70,32 @@ def decode_compile_settings(device: torch.device) -> Iterator[None]:
         yield
 
 
+class UnpinnedStaticCache(StaticCache):
+    """A `StaticCache` whose tensors reach a compiled decode step as inputs, never as constants baked into it.
+
+    transformers marks static-cache tensors with `torch._dynamo.mark_static_address`, which serves CUDA graphs. Under
+    inductor's weight freezing, dynamo bakes such marked tensors into the graph like weights, so a second cache of the
+    same shape would silently be served by the first cache's tensors. Off CUDA the mark buys nothing: it is removed as
+    soon as a layer allocates its tensors.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        allocating = layer is not None and not layer.is_initialized
+        result = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if allocating:
+            for value in vars(layer).values():
+                if isinstance(value, torch.Tensor):
+                    value.__dict__.pop("_dynamo_static_input_type", None)  # where mark_static_address keeps the mark
+        return result
+
+
+def new_static_cache(config, max_cache_len: int, device: torch.device) -> StaticCache:
+    """The static cache ChatSession decodes into: `UnpinnedStaticCache` on CPU (frozen weights), else `StaticCache`."""
+    cache_class = UnpinnedStaticCache if device.type == "cpu" else StaticCache
+    return cache_class(config=config, max_cache_len=max_cache_len)
+
+
 def compile_memory_shortfall(model) -> int:
     """Bytes of memory missing for compiling the CPU decode step (0 if enough, or if the amount can't be known).
 
@@ -262,7 +288,7 @@ class ChatSession:
         if self.cache_implementation == "static":
             if cache is None or cache.get_max_length() < needed:
                 capacity = -(-needed // CACHE_BLOCK) * CACHE_BLOCK
-                cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+                cache = new_static_cache(self.model.config, capacity, self.model.device)
                 reused = 0
         elif cache is None:
             cache = DynamicCache(config=self.model.config)
@@ -465,5 +491,6 @@ def run_chat(args: argparse.Namespace) -> int:
 
 __all__ = [
     "CACHE_BLOCK", "ChatSession", "add_parser", "compile_memory_shortfall", "decode_compile_config",
-    "decode_compile_settings", "load_model_and_processor", "run_chat", "truncate_cache",
+    "decode_compile_settings", "load_model_and_processor", "new_static_cache", "run_chat", "truncate_cache",
+    "UnpinnedStaticCache",
 ]
