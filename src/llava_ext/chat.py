@@ -454,6 +454,9 @@ def run_chat(args: argparse.Namespace) -> int:
         pending.append(load_image(path))
     if interactive:
         print("Type a question; /image PATH adds an image, /reset starts over, /exit quits.", file=sys.stderr)
+        if session.compile:
+            print("The first answer also compiles the decode step (a one-off wait; --no-compile skips it).",
+                  file=sys.stderr)
     while True:
         if interactive:
             print("> ", end="", flush=True)
