@@ -80,8 +80,8 @@ class UnpinnedStaticCache(StaticCache):
     """
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        allocating = layer is not None and not layer.is_initialized
+        layer = self.layers[layer_idx]  # a static cache has all its layers from the start
+        allocating = not layer.is_initialized
         result = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if allocating:
             for value in vars(layer).values():
@@ -97,7 +97,7 @@ def new_static_cache(config, max_cache_len: int, device: torch.device) -> Static
 
 
 def compile_memory_shortfall(model) -> int:
-    """Bytes of memory missing for compiling the CPU decode step (0 if enough, or if the amount can't be known).
+    """Bytes of free memory missing for compiling the CPU decode step (0 if there is enough).
 
     The frozen step keeps a pre-packed copy of the weights beside the model's own, and compiling it briefly needs
     about twice that (measured: +0.75 GB kept, +1.4 GB peak for 1 GB of weights).
