@@ -19,7 +19,6 @@ def test_tiny_attention_benchmark_compares_implementations(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["implementations"]
     assert list(rows) == ["sdpa", "eager"]
-    assert rows["sdpa"]["max_abs_logits_diff"] == 0.0
     # close in fp32; not zero, which shows the implementation really was switched between runs
     assert 0.0 < rows["eager"]["max_abs_logits_diff"] < 1e-4
     assert rows["eager"]["greedy_tokens_equal"] is True
