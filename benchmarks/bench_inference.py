@@ -2,7 +2,8 @@
 
 Both models come from one random config with the same weights and run in one process, alternating, `--repeats`
 times; the table shows medians and ratios (time ratios ours/reference: below 1 is faster; speedups
-reference/ours: above 1 is faster). Load time and peak RSS are measured in one fresh subprocess per model and repeat.
+reference/ours: above 1 is faster). Load time and peak RSS are measured in one fresh subprocess per model and repeat,
+`--load-repeats` times: a ~0.1 s load in a new process varies by tens of percent from run to run.
 
     python benchmarks/bench_inference.py                      # "small": ~256M parameters, fp32, CPU
     python benchmarks/bench_inference.py --size tiny --json out.json   # CI smoke run
@@ -347,7 +348,7 @@ def run(args) -> dict:
         report["bf16_prefill_s"] = bf16.prefill()
         report["bf16_decode_default_tok_s"] = bf16.decode("default", new_tokens)[0]
         reference.float(), ours.float()
-    report.update(load_and_rss(reference, ours, args.size, args.device, args.dtype, args.repeats))
+    report.update(load_and_rss(reference, ours, args.size, args.device, args.dtype, args.load_repeats))
 
     ratio = lambda key: report[key]["ours"] / report[key]["reference"]  # noqa: E731
     report["vision_ratio"] = ratio("vision_s")
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--load-repeats", type=int, default=7, help="fresh processes per model for load and RSS")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode length (default: 128; tiny: 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 rows (CPU fp32 runs)")

@@ -15,7 +15,8 @@ PER_MODEL = ("vision_s", "prefill_s", "decode_default_tok_s", "decode_chat_path_
 def test_tiny_benchmark_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--size", "tiny", "--repeats", "1", "--no-bf16", "--json", str(out)],
+        [sys.executable, str(BENCH), "--size", "tiny", "--repeats", "1", "--load-repeats", "1", "--no-bf16",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
