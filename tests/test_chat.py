@@ -117,6 +117,19 @@ def test_compiled_decode_equals_plain_decode(models, processor):
     ).ask(question, max_new_tokens=MAX_NEW_TOKENS)
 
 
+def test_failed_compile_falls_back_to_the_uncompiled_answer(processor):
+    """Without a working C++ compiler the compiled CPU decode can't be built: the session answers uncompiled."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(1)
+    model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config().to_dict())).eval()  # nothing cached
+    length = {"max_new_tokens": 4, "min_new_tokens": 4}  # decode steps are what gets compiled
+    expected = ChatSession(model, processor, cache_implementation="dynamic").ask(QUESTIONS[0], **length)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}):
+        answer = ChatSession(model, processor, compile=True).ask(QUESTIONS[0], **length)
+    assert answer == expected
+
+
 def test_mismatching_cache_is_cut_back_and_answers_stay_equal(models, processor):
     reference, ours = models
     expected = expected_conversation(reference, processor, QUESTIONS[:2], [red_image()])

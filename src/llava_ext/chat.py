@@ -55,18 +55,19 @@ def decode_compile_config(device: torch.device) -> CompileConfig:
 
 @contextlib.contextmanager
 def decode_compile_settings(device: torch.device) -> Iterator[None]:
-    """Inductor settings that must hold while `generate()` traces the decode step (CPU: frozen weights).
+    """Compiler settings that must hold while `generate()` traces the decode step; restored afterwards.
 
-    `freezing` is read when the graph is traced, before `torch.compile`'s per-call options apply, so passing it in
-    `decode_compile_config` has no effect; it is set around the call instead and restored afterwards. Frozen weights
-    become constants of the compiled step: after changing the weights in place, `torch._dynamo.reset()` rebuilds it.
+    - A compile that fails (no C++ compiler, no triton) is logged by torch and the step runs uncompiled, with the
+      same answers, instead of ending the chat.
+    - CPU: frozen weights. `freezing` is read when the graph is traced, before `torch.compile`'s per-call options
+      apply, so passing it in `decode_compile_config` has no effect. Frozen weights become constants of the compiled
+      step: after changing the weights in place, `torch._dynamo.reset()` rebuilds it.
     """
-    if device.type != "cpu":
-        yield
-        return
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(freezing=True):
+    frozen_weights = inductor_config.patch(freezing=True) if device.type == "cpu" else contextlib.nullcontext()
+    with dynamo_config.patch(suppress_errors=True), frozen_weights:
         yield
 
 
