@@ -50,7 +50,7 @@ def run(args) -> dict:
             tokens[name] = greedy(model, inputs, new_tokens, streamer=clock)
             if repeat:
                 samples[name]["prefill_s"].append(seconds)
-                samples[name]["decode_tok_s"].append((new_tokens - 1) / (clock.times[-1] - clock.times[1]))
+                samples[name]["decode_tok_s"].append(clock.tokens_per_second())
             logits[name] = output.logits.float()  # (1, seq, vocab)
 
     first = args.implementations[0]

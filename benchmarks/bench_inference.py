@@ -132,6 +132,11 @@ class TokenClock(BaseStreamer):
     def end(self):
         pass
 
+    def tokens_per_second(self) -> float:
+        """Decode rate after the first new token: (n - 1) / (time of the last token - time of the first)."""
+        decoded = self.times[1:]  # the first `put` is the prompt
+        return (len(decoded) - 1) / (decoded[-1] - decoded[0])
+
 
 class Runner:
     """Alternates reference and ours `repeats` times per measurement; keeps every sample."""
@@ -187,7 +192,7 @@ class Runner:
 
     @torch.no_grad()
     def decode(self, path: str, new_tokens: int, names=("reference", "ours")) -> tuple[dict, dict]:
-        """Decode tokens/s: (n - 1) / (time of the last token - time of the first), so prefill is left out."""
+        """Decode tokens/s (`TokenClock.tokens_per_second`: prefill is left out)."""
         outputs = {}
 
         def measure(name, model):
@@ -197,7 +202,7 @@ class Runner:
             kwargs = self.decode_kwargs(name, path, new_tokens)
             with self.settings(path):
                 outputs[name] = greedy(model, self.inputs, new_tokens, streamer=clock, **kwargs)
-            return (new_tokens - 1) / (clock.times[-1] - clock.times[1])
+            return clock.tokens_per_second()
 
         return self.alternate(measure), outputs
 
