@@ -32,6 +32,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import llava_ext
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
+from llava_ext.compat import CACHE_KWARG
 from llava_ext.chat import (
     CACHE_BLOCK, decode_compile_config, decode_compile_settings, new_static_cache, truncate_cache,
 )
@@ -179,7 +180,7 @@ class Runner:
         if path == "default":
             return {}
         length = self.inputs["input_ids"].shape[1] + new_tokens
-        kwargs = {"past_key_values": self.static_cache(name, length)}
+        kwargs = {CACHE_KWARG: self.static_cache(name, length)}
         if path == "chat":
             kwargs["compile_config"] = decode_compile_config(torch.device(self.device))
         else:
@@ -233,7 +234,7 @@ class Runner:
         turn1 = self.inputs
         ours = self.models["ours"]
         cache = StaticCache(config=self.config, max_cache_len=CACHE_BLOCK * 2)
-        answer = greedy(ours, turn1, first_answer, past_key_values=cache, disable_compile=True)  # (1, prompt + answer)
+        answer = greedy(ours, turn1, first_answer, **{CACHE_KWARG: cache}, disable_compile=True)  # (1, prompt + answer)
         cached = int(cache.get_seq_length())
         question = torch.randint(5, self.config.image_token_index, (1, followup), generator=torch.Generator().manual_seed(2))
         conversation = torch.cat([answer, question.to(answer.device)], dim=1)  # (1, whole conversation)
@@ -247,7 +248,7 @@ class Runner:
                 return seconds
             truncate_cache(cache, cached)
             seconds, tokens[name] = timed(
-                lambda: greedy(model, {k: full[k] for k in ("input_ids", "attention_mask")}, 1, past_key_values=cache,
+                lambda: greedy(model, {k: full[k] for k in ("input_ids", "attention_mask")}, 1, **{CACHE_KWARG: cache},
                                disable_compile=True),
                 self.device,
             )

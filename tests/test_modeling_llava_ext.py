@@ -1,6 +1,7 @@
 """Parity with transformers' LlavaForConditionalGeneration on the same weights, and what the reference lacks."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -267,3 +268,46 @@ def test_mismatch_error_is_also_the_runtime_error_transformers_tests_expect():
     batch = left_padded_batch(ours.config, num_images=(1, 1))
     with pytest.raises(RuntimeError, match="do not match"):
         ours(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:1])
+
+
+def test_outputs_follow_the_installed_transformers_conventions():
+    """Code written against transformers' own LLaVA reads ours the same way, on whatever release is installed."""
+    reference, ours = build_pair(**PARITY_CASES["clip-llama-layer-2-default"])
+    inputs = {k: v for k, v in left_padded_batch(reference.config).items() if k != "labels"}
+    with torch.no_grad():
+        ref_out, our_out = reference(**inputs, use_cache=True), ours(**inputs, use_cache=True)
+        ref_base, our_base = reference.model(**inputs), ours.model(**inputs)
+        ref_tuple, our_tuple = reference(**inputs, return_dict=False), ours(**inputs, return_dict=False)
+    assert list(our_out.keys()) == list(ref_out.keys())  # field names and order, e.g. cache/image_outputs on 5.24
+    assert list(our_base.keys()) == list(ref_base.keys())
+    for ours_field, ref_field in zip(our_out.values(), ref_out.values()):
+        assert type(ours_field).__name__ == type(ref_field).__name__
+    # the image features, under the installed release's name (a deprecated property where it became one)
+    for ours_features, ref_features in zip(our_out.image_hidden_states, ref_out.image_hidden_states):
+        torch.testing.assert_close(ours_features, ref_features, rtol=0, atol=1e-5)
+    if "image_outputs" in ref_out:
+        assert len(our_out.image_outputs.pooler_output) == len(ref_out.image_outputs.pooler_output)
+    assert len(our_tuple) == len(ref_tuple)
+    assert [type(x).__name__ for x in our_tuple] == [type(x).__name__ for x in ref_tuple]
+    cache_field = "cache" if "cache" in ref_out else "past_key_values"
+    assert our_out[cache_field].get_seq_length() == ref_out[cache_field].get_seq_length() == inputs["input_ids"].shape[1]
+
+
+def test_the_kv_cache_is_taken_under_either_name_but_not_both():
+    reference, ours = build_pair(**PARITY_CASES["clip-llama-layer-2-default"])
+    inputs = {k: v for k, v in left_padded_batch(reference.config).items() if k != "labels"}
+    with torch.no_grad():
+        prefill = ours(**inputs, use_cache=True)
+        cache = prefill.cache if "cache" in prefill else prefill.past_key_values
+        step = {"input_ids": torch.tensor([[70], [71]]),
+                "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)}
+        full = ours(input_ids=torch.cat([inputs["input_ids"], step["input_ids"]], dim=1),
+                    attention_mask=step["attention_mask"], pixel_values=inputs["pixel_values"])
+        for name in ("cache", "past_key_values"):
+            cache.crop(inputs["input_ids"].shape[1] - cache.get_seq_length())  # negative: drop the last step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                logits = ours(**step, **{name: cache}).logits
+            torch.testing.assert_close(logits[:, -1], full.logits[:, -1], rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="Both `cache` and `past_key_values`"):
+            ours(**step, cache=cache, past_key_values=cache)

@@ -6,11 +6,8 @@ saved checkpoint carries its own code and loads with `trust_remote_code=True` wh
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-# transformers < 5.2x exports a torchvision-gated placeholder as `transformers.AutoImageProcessor`; the module's
-# class is the real one on every version, and registering a PIL image processor needs no torchvision.
-from transformers.models.auto.image_processing_auto import AutoImageProcessor
-
 from .chat import ChatSession
+from .compat import AutoImageProcessor, register_stock_checkpoint_layout
 from .configuration_llava_ext import LlavaExtConfig
 from .image_processing_llava_ext import LlavaExtImageProcessor
 from .modeling_llava_ext import (
@@ -21,6 +18,7 @@ from .modeling_llava_ext import (
     LlavaExtPreTrainedModel,
 )
 from .processing_llava_ext import LlavaExtProcessor
+from .vision import STOCK_TOWER_NAMES
 
 __version__ = "0.1.0"
 
@@ -30,6 +28,15 @@ AutoModelForImageTextToText.register(LlavaExtConfig, LlavaExtForConditionalGener
 AutoModelForCausalLM.register(LlavaExtConfig, LlavaExtForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(LlavaExtConfig, image_processor_classes={"pil": LlavaExtImageProcessor}, exist_ok=True)
 AutoProcessor.register(LlavaExtConfig, LlavaExtProcessor, exist_ok=True)
+
+# Models made here (training, convert) save in the stock llava key layout, as transformers' own LLaVA does.
+register_stock_checkpoint_layout(
+    {
+        LlavaExtConfig.model_type: "llava",
+        LlavaExtModel.__name__: "LlavaModel",
+        **{tower.__name__: stock for tower, stock in STOCK_TOWER_NAMES.items()},
+    }
+)
 
 LlavaExtConfig.register_for_auto_class()
 LlavaExtModel.register_for_auto_class("AutoModel")

@@ -12,7 +12,7 @@ question about the same image costs a prefill of a few text tokens instead of th
 
     turn 2:  [<s> USER: <image>x576 \\n Q1 ASSISTANT: A1 </s> USER: Q2 ASSISTANT:]   (rendered again, tokenized again)
              |<----------- identical to the cached tokens ---------->|<--- new --->|
-             `generate(input_ids=all, past_key_values=cache)` prefills only "new" (pixel_values only for images whose
+             `generate(input_ids=all, cache=cache)` prefills only "new" (pixel_values only for images whose
              placeholders are in the new part). The cache is first cut back to the longest common prefix, never in the
              middle of an image's placeholders, so a re-tokenization that differs from the sampled tokens costs a
              partial re-prefill, not a wrong answer.
@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, StaticCache, TextIteratorStreamer
-from transformers.generation.configuration_utils import CompileConfig
-from transformers.utils import logging
+from transformers import DynamicCache, StaticCache, TextIteratorStreamer, logging
+
+from .compat import CACHE_KWARG, CompileConfig
 
 logger = logging.get_logger(__name__)
 
@@ -131,7 +131,7 @@ class ChatSession:
 
     Args:
         model ([`LlavaExtForConditionalGeneration`] or any LLaVA-style generative model):
-            The model; its `generate()` is called with `past_key_values`.
+            The model; its `generate()` is called with the session's KV cache.
         processor ([`LlavaExtProcessor`] or transformers' `LlavaProcessor`):
             Renders the conversation with its chat template and turns text and images into model inputs.
         system (`str`, *optional*):
@@ -262,7 +262,7 @@ class ChatSession:
         kwargs = {
             "input_ids": input_ids.to(self.model.device),
             "attention_mask": torch.ones_like(input_ids, device=self.model.device),
-            "past_key_values": cache,
+            CACHE_KWARG: cache,  # `cache` on transformers >= 5.24, `past_key_values` before
             "max_new_tokens": max_new_tokens,
         }
         pixel_values = inputs.get("pixel_values")

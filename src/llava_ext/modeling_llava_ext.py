@@ -16,20 +16,50 @@ Data flow of one forward:
 This file is copied next to checkpoints for `trust_remote_code`: it imports only torch, transformers and its siblings.
 """
 
+import dataclasses
+import functools
+import inspect
+from typing import Any
+
 import torch
+import transformers.modeling_outputs as modeling_outputs
 from torch import nn
-from transformers import AutoModel, GenerationMixin, LlavaConfig, PreTrainedModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import (
-    LlavaCausalLMOutputWithPast,
-    LlavaModelOutputWithPast,
-    LlavaMultiModalProjector,
-)
-from transformers.utils.generic import can_return_tuple
+from transformers import AutoModel, GenerationMixin, LlavaConfig, PreTrainedModel, logging
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 
 from .configuration_llava_ext import LlavaExtConfig
-from .vision import STOCK_TOWER_NAMES, build_vision_tower, num_image_features
+from .vision import build_vision_tower, num_image_features
+
+logger = logging.get_logger(__name__)
+
+# Conventions of the installed transformers, detected by feature (never by version string), so that code written
+# against transformers' own LLaVA reads our outputs the same way on every release:
+# - 5.24 renamed the KV cache `past_key_values` -> `cache` in forward arguments and outputs (old name deprecated).
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+# - 5.24 returns the vision encoder's whole output as `image_outputs`; `image_hidden_states` became a deprecated
+#   property giving `image_outputs.pooler_output`. Before, `image_hidden_states` was a field holding the features.
+IMAGE_OUTPUTS = hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast")
+
+# The key layout transformers saves llava checkpoints in (4.x names, kept by 5.x's save_pretrained); read by
+# `from_pretrained`'s public `key_mapping`, so the checkpoint's own code needs no conversion internals.
+STOCK_KEY_MAPPING = {
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^language_model\.model\.": "model.language_model.",
+    r"^vision_tower\.": "model.vision_tower.",
+    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+}
+
+# projector_hidden_act -> module, for the activations LLaVA checkpoints use (transformers' ACT2FN is not public API)
+PROJECTOR_ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": lambda: _QuickGELU(),
+    "silu": lambda: nn.SiLU(),
+    "swish": lambda: nn.SiLU(),
+    "relu": lambda: nn.ReLU(),
+    "tanh": lambda: nn.Tanh(),
+    "linear": lambda: nn.Identity(),
+}
 
 
 class ImageTokenMismatchError(ValueError, RuntimeError):
@@ -39,8 +69,87 @@ class ImageTokenMismatchError(ValueError, RuntimeError):
     """
 
 
-class LlavaExtMultiModalProjector(LlavaMultiModalProjector):
+class _QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), CLIP's original activation."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * torch.sigmoid(1.702 * hidden_states)
+
+
+class LlavaExtMultiModalProjector(nn.Module):
     """`linear_1` -> act -> `linear_2`; input width = vision hidden size x number of selected vision layers."""
+
+    def __init__(self, config: LlavaExtConfig):
+        super().__init__()
+        if config.projector_hidden_act not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(
+                f"projector_hidden_act={config.projector_hidden_act!r} is not supported; use one of "
+                f"{', '.join(sorted(PROJECTOR_ACTIVATIONS))}."
+            )
+        num_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        text_hidden, bias = config.text_config.hidden_size, config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * num_feature_layers, text_hidden, bias=bias)
+        self.act = PROJECTOR_ACTIVATIONS[config.projector_hidden_act]()
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+def _deprecated_image_hidden_states(self):
+    logger.warning_once(
+        "`image_hidden_states` is deprecated (as in transformers' LLaVA); use `out.image_outputs.pooler_output`."
+    )
+    return self.image_outputs.pooler_output if self.image_outputs is not None else None
+
+
+def _to_tuple_with_image_outputs(self) -> tuple:
+    # as transformers' MultimodalModelOutput: the nested encoder output becomes a tuple too
+    return tuple(self[key].to_tuple() if key == "image_outputs" else self[key] for key in self.keys())
+
+
+def _output_class(name: str, doc: str, leading_fields: list[str]) -> type:
+    """Our own `ModelOutput` dataclass with the installed transformers' field names for LLaVA outputs."""
+    names = [*leading_fields, CACHE_NAME, "hidden_states", "attentions"]
+    names.append("image_outputs" if IMAGE_OUTPUTS else "image_hidden_states")
+    namespace = {"__module__": __name__, "__doc__": doc}
+    if IMAGE_OUTPUTS:
+        namespace["image_hidden_states"] = property(_deprecated_image_hidden_states)
+        namespace["to_tuple"] = _to_tuple_with_image_outputs
+    fields = [(field, Any, dataclasses.field(default=None)) for field in names]
+    return dataclasses.make_dataclass(name, fields, bases=(ModelOutput,), namespace=namespace)
+
+
+LlavaExtModelOutputWithPast = _output_class(
+    "LlavaExtModelOutputWithPast",
+    "Outputs of `LlavaExtModel`: the fields of transformers' `LlavaModelOutputWithPast` in the installed release.",
+    ["last_hidden_state"],
+)
+LlavaExtCausalLMOutputWithPast = _output_class(
+    "LlavaExtCausalLMOutputWithPast",
+    "Outputs of `LlavaExtForConditionalGeneration`: the fields of transformers' `LlavaCausalLMOutputWithPast`.",
+    ["loss", "logits"],
+)
+
+
+def _can_return_tuple(forward):
+    """`return_dict=False` (argument, else config) turns the output into a tuple, as transformers' models do."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, return_dict: bool | None = None, **kwargs):
+        output = forward(self, *args, **kwargs)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    return wrapper
+
+
+def _pop_cache(cache, kwargs: dict):
+    """The KV cache passed as `cache` (transformers >= 5.24) or `past_key_values` (before); not both."""
+    past_key_values = kwargs.pop("past_key_values", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Both `cache` and `past_key_values` were given; pass the KV cache once, as `cache`.")
+    return cache if cache is not None else past_key_values
 
 
 # Written into every saved config, so each Auto class resolves to our code where llava_ext is not installed.
@@ -58,7 +167,7 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # the KV cache, under either release's name
 
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -71,8 +180,16 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
             stock = config
             config = LlavaExtConfig(**stock.to_dict())
             config.vision_config, config.text_config = stock.vision_config, stock.text_config
-            config._attn_implementation_internal = stock._attn_implementation_internal
+            if hasattr(stock, "_attn_implementation_internal"):  # the attention a user asked for
+                config._attn_implementation_internal = stock._attn_implementation_internal
         super().__init__(config, *inputs, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; also reads the stock llava key layout, which `save_pretrained` writes."""
+        if kwargs.get("key_mapping") is None:
+            kwargs["key_mapping"] = STOCK_KEY_MAPPING
+        return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with an `auto_map` naming every Auto class when the code is saved too."""
@@ -82,7 +199,7 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
 
 
 class LlavaExtModel(LlavaExtPreTrainedModel):
-    """Vision tower + projector + language model (no LM head); returns `LlavaModelOutputWithPast`."""
+    """Vision tower + projector + language model (no LM head); returns `LlavaExtModelOutputWithPast`."""
 
     def __init__(self, config: LlavaExtConfig):
         super().__init__(config)
@@ -90,6 +207,9 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         self.vision_tower = build_vision_tower(config.vision_config)
         self.multi_modal_projector = LlavaExtMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        # the language model's name for its KV-cache argument in the installed release (a custom backbone may differ)
+        lm_arguments = inspect.signature(self.language_model.forward).parameters
+        self._lm_cache_name = "cache" if "cache" in lm_arguments else "past_key_values"
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -191,39 +311,41 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
             f"{cause}."
         )
 
-    @can_return_tuple
+    @_can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
         **kwargs,
-    ) -> LlavaModelOutputWithPast:
-        """Same arguments and outputs as transformers' `LlavaModel.forward`."""
+    ) -> LlavaExtModelOutputWithPast:
+        """Same arguments and outputs as transformers' `LlavaModel.forward` in the installed release; the KV cache is
+        accepted as `cache` or `past_key_values`."""
+        cache = _pop_cache(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (batch, seq, text_hidden)
 
-        image_features = None
+        image_outputs = image_features = None
         if pixel_values is not None:
             strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
             special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (batch, seq)
             checked = self.check_image_token_count(special_image_mask, pixel_values, strategy)
-            image_features = self.get_image_features(
+            image_outputs = self.get_image_features(
                 pixel_values,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=strategy,
                 image_sizes=image_sizes,
-            ).pooler_output
+            )
             # (total_image_tokens, text_hidden)
-            image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             # towers whose token count is unknown up front are checked once their features exist
             unchecked = not checked and not torch.compiler.is_compiling()
             if unchecked and int(special_image_mask.sum()) != len(image_features):
@@ -237,16 +359,17 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            **{self._lm_cache_name: cache},
             **kwargs,
         )
-        return LlavaModelOutputWithPast(
+        image_field = {"image_outputs": image_outputs} if IMAGE_OUTPUTS else {"image_hidden_states": image_features}
+        return LlavaExtModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME, None)},
+            **image_field,
         )
 
 
@@ -293,14 +416,14 @@ class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin)
             **kwargs,
         )
 
-    @can_return_tuple
+    @_can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -308,19 +431,22 @@ class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin)
         logits_to_keep: int | torch.Tensor = 0,
         image_sizes: torch.Tensor | None = None,
         **kwargs,
-    ) -> LlavaCausalLMOutputWithPast:
-        """Same arguments and outputs as `LlavaForConditionalGeneration.forward` (`cache_position` and other backbone
-        arguments pass through `**kwargs`); `labels` of -100 are ignored by the loss."""
+    ) -> LlavaExtCausalLMOutputWithPast:
+        """Same arguments and outputs as `LlavaForConditionalGeneration.forward` in the installed release
+        (`cache_position` and other backbone arguments pass through `**kwargs`; the KV cache is accepted as `cache` or
+        `past_key_values`); `labels` of -100 are ignored by the loss."""
+        cache = _pop_cache(cache, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -332,30 +458,24 @@ class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return LlavaCausalLMOutputWithPast(
+        image_field = "image_outputs" if IMAGE_OUTPUTS else "image_hidden_states"
+        return LlavaExtCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME), image_field: getattr(outputs, image_field)},
         )
 
 
-def _register_checkpoint_layouts():
-    """Read and write the key layout transformers uses for llava checkpoints, so stock and ours share files."""
-    stock_names = {"llava_ext": "llava", LlavaExtModel.__name__: "LlavaModel"}
-    stock_names.update({tower.__name__: stock for tower, stock in STOCK_TOWER_NAMES.items()})
-    for ours, stock in stock_names.items():
-        register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(stock), overwrite=True)
-
-
-_register_checkpoint_layouts()
-
 __all__ = [
+    "AUTO_MAP",
+    "STOCK_KEY_MAPPING",
     "ImageTokenMismatchError",
+    "LlavaExtCausalLMOutputWithPast",
     "LlavaExtForConditionalGeneration",
     "LlavaExtModel",
+    "LlavaExtModelOutputWithPast",
     "LlavaExtMultiModalProjector",
     "LlavaExtPreTrainedModel",
 ]

@@ -35,9 +35,8 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+from .compat import LengthGroupedSampler, TrainOutput, get_last_checkpoint
 from .data import LlavaConversationDataset, LlavaExtDataCollator
 from .vision import normalize_layer_indices
 

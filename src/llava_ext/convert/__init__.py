@@ -30,8 +30,8 @@ from transformers import (
     LlavaImageProcessorPil,
     LlavaProcessor,
 )
-from transformers.dynamic_module_utils import custom_object_save
 
+from ..compat import custom_object_save
 from ..configuration_llava_ext import LlavaExtConfig
 from ..image_processing_llava_ext import LlavaExtImageProcessor
 from ..modeling_llava_ext import AUTO_MAP, LlavaExtForConditionalGeneration

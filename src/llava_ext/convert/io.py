@@ -23,7 +23,8 @@ from huggingface_hub import snapshot_download, split_torch_state_dict_into_shard
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
-from transformers.utils.logging import tqdm
+
+from ..compat import tqdm
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

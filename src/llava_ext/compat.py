@@ -1,0 +1,75 @@
+"""Every transformers internal llava_ext leans on outside the files shipped with checkpoints, in one place.
+
+transformers ships a minor release every few weeks and moves its internals in them. Each item here is one import,
+constant or small function with a comment naming the releases that need what, so the next break is a one-file fix
+and the floor and newest test sessions (`nox`) say at once where. Where an API differs between releases, the item
+detects the feature (`hasattr`, `dataclasses.fields`, `inspect.signature`), never the version string.
+
+The files copied next to checkpoints (`configuration_llava_ext.py`, `modeling_llava_ext.py`, `vision.py` and the
+processor files) do not import this module: they use only transformers' stable public names and carry their own
+feature checks, because they run on releases this module has never seen.
+
+Tested releases: 5.17.0 (the declared floor), 5.20.2, 5.23.0 and 5.24.0 (the newest at the time of writing).
+"""
+
+import dataclasses
+
+# CompileConfig: transformers.generation.configuration_utils on 5.17-5.24, re-exported by `transformers.generation`.
+from transformers.generation import CompileConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+# AutoImageProcessor: on releases before 5.2x, `transformers.AutoImageProcessor` is a torchvision-gated placeholder
+# when torchvision is missing; the module's class is the real one on 5.17-5.24, and a PIL image processor registers
+# with it without torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+# LengthGroupedSampler, TrainOutput, get_last_checkpoint: trainer_pt_utils / trainer_utils on 5.17-5.24.
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+
+# custom_object_save: copies an object's module and its relative imports next to a checkpoint (dynamic_module_utils,
+# 5.17-5.24); `convert` uses it to write the code `save_pretrained` would.
+from transformers.dynamic_module_utils import custom_object_save
+
+# tqdm: transformers' wrapper honours its progress-bar switch (`disable_progress_bar`); utils.logging on 5.17-5.24.
+from transformers.utils.logging import tqdm
+
+# Conversion mappings: 5.0-5.24 load and save checkpoints through `transformers.conversion_mapping`; stock llava is
+# saved in the 4.x key layout (`language_model.model.*`). A release without the module still reads that layout through
+# `from_pretrained(key_mapping=...)`, which the model passes itself.
+try:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+except ImportError:
+    get_checkpoint_conversion_mapping = register_checkpoint_conversion_mapping = None
+
+# The KV cache's name in forward/generate arguments and in outputs: `cache` from 5.24 (`past_key_values` still
+# accepted with a FutureWarning until 5.40), `past_key_values` on 5.17-5.23.
+CACHE_KWARG = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def register_stock_checkpoint_layout(ours_to_stock: dict[str, str]) -> bool:
+    """Give each of our model types / class names the conversion mapping of its stock twin.
+
+    Then a llava_ext model made here (training, `convert`) saves the stock llava key layout, as transformers' own LLaVA
+    does. Returns False where the release has no conversion mappings (the files then use our module names).
+    """
+    if register_checkpoint_conversion_mapping is None:
+        return False
+    for ours, stock in ours_to_stock.items():
+        mapping = get_checkpoint_conversion_mapping(stock)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(ours, mapping, overwrite=True)
+    return True
+
+
+__all__ = [
+    "CACHE_KWARG",
+    "AutoImageProcessor",
+    "CompileConfig",
+    "LengthGroupedSampler",
+    "TrainOutput",
+    "custom_object_save",
+    "get_last_checkpoint",
+    "register_stock_checkpoint_layout",
+    "tqdm",
+]
