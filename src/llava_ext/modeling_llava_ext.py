@@ -40,13 +40,16 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModel
 #   property giving `image_outputs.pooler_output`. Before, `image_hidden_states` was a field holding the features.
 IMAGE_OUTPUTS = hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast")
 
-# The key layout transformers saves llava checkpoints in (4.x names, kept by 5.x's save_pretrained); read by
-# `from_pretrained`'s public `key_mapping`, so the checkpoint's own code needs no conversion internals.
+# The key layouts of llava checkpoints: 4.x names, which 5.x's save_pretrained keeps, and llava-hf's on the Hub (CLIP
+# under `vision_tower.vision_model.`). Read through `from_pretrained`'s public `key_mapping`, so the checkpoint's own
+# code needs no conversion internals; written back the same way on save. transformers reverses these patterns for
+# saving by dropping the `^`: keep them plain (no escapes), as its own mappings are.
 STOCK_KEY_MAPPING = {
-    r"^language_model\.lm_head\.": "lm_head.",
-    r"^language_model\.model\.": "model.language_model.",
-    r"^vision_tower\.": "model.vision_tower.",
-    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+    "^language_model.lm_head": "lm_head",
+    "^language_model.model": "model.language_model",
+    "^vision_tower.vision_model": "model.vision_tower",
+    "^vision_tower": "model.vision_tower",
+    "^multi_modal_projector": "model.multi_modal_projector",
 }
 
 # projector_hidden_act -> module, for the activations LLaVA checkpoints use (transformers' ACT2FN is not public API)
