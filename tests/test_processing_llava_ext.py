@@ -1,9 +1,11 @@
 """LlavaExtProcessor: parity with transformers' LlavaProcessor, named errors, remote-code round trip, pipeline."""
 
+import ast
 import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -20,6 +22,21 @@ CLIP = dict(patch_size=8, vision_feature_select_strategy="default", num_addition
 
 def image(seed: int, height: int = 40, width: int = 60) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# What the shipped remote code may import (transformers through its top-level package only) besides its sibling files
+REMOTE_CODE_IMPORTS = {"os", "itertools", "collections", "typing", "pathlib", "numpy", "PIL", "torch", "transformers"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, indented imports included; relative ones keep their leading dots."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            modules.add("." * node.level + (node.module or ""))
+    return modules
 
 
 def processors(**kwargs) -> tuple[LlavaExtProcessor, LlavaProcessor]:
@@ -157,10 +174,12 @@ def test_auto_processor_trust_remote_code_without_llava_ext(tmp_path):
     code = {path.name for path in (tmp_path / "checkpoint").glob("*.py")}
     assert {"processing_llava_ext.py", "image_processing_llava_ext.py"} <= code
     for name in ("processing_llava_ext.py", "image_processing_llava_ext.py"):  # only what a user has to trust
-        imports = [line.split()[1] for line in (tmp_path / "checkpoint" / name).read_text().splitlines()
-                   if line.startswith(("import ", "from "))]
-        assert {module.split(".")[0] for module in imports} <= {"os", "itertools", "collections", "typing",
-                                                                "pathlib", "numpy", "PIL", "torch", "transformers"}
+        modules = imported_modules(tmp_path / "checkpoint" / name)
+        relative = {module for module in modules if module.startswith(".")}
+        # transformers' submodules are internals that move between releases; its top-level names are the stable API
+        assert not {module for module in modules if module.startswith("transformers.")}, name
+        assert {module.split(".")[0] for module in modules - relative} <= REMOTE_CODE_IMPORTS, name
+        assert {module.removeprefix(".") + ".py" for module in relative} <= code, name  # siblings saved beside it
     expected = ours(images=PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)),
                     text="USER: <image>\nHi ASSISTANT:")
 

@@ -9,8 +9,9 @@ Two interchangeable backends, picked per call or per instance with `image_backen
 
 Both backends check their inputs first: a missing file, an unreadable image or an empty (zero-sized) image raises a
 `ValueError` naming the image's position in the flattened batch and its path. This file is copied next to checkpoints
-for `trust_remote_code`: it imports only torch, transformers and the standard library (PIL and NumPy come with
-transformers' vision extras).
+for `trust_remote_code`: it imports only torch, names exported by the top-level `transformers` package and the standard
+library (PIL and NumPy come with transformers' vision extras), so it keeps working on transformers releases newer than
+the one it was saved with.
 """
 
 import itertools
@@ -22,11 +23,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from transformers.image_processing_utils import BatchFeature
-from transformers.image_transforms import get_resize_output_image_size
-from transformers.image_utils import ChannelDimension, SizeDict, is_valid_image, load_image
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers import BatchFeature, ImagesKwargs, LlavaImageProcessorPil
 
 
 class LlavaExtImagesKwargs(ImagesKwargs, total=False):
@@ -39,6 +36,37 @@ class LlavaExtImagesKwargs(ImagesKwargs, total=False):
     image_backend: Literal["pil", "torch"] | None
 
 
+def _is_valid_image(image) -> bool:
+    """transformers' `is_valid_image` (not a top-level export): a PIL image, NumPy array or torch tensor."""
+    return isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor))
+
+
+def _is_valid_list_of_images(images) -> bool:
+    """transformers' `is_valid_list_of_images` (not a top-level export): a non-empty list of images."""
+    return bool(images) and all(_is_valid_image(image) for image in images)
+
+
+def _make_flat_list_of_images(images) -> list:
+    """transformers' `make_flat_list_of_images` for 3-dim images (not a top-level export): same rules, same error."""
+    if (
+        isinstance(images, (list, tuple))
+        and all(isinstance(sample, (list, tuple)) for sample in images)
+        and all(_is_valid_list_of_images(sample) or not sample for sample in images)
+    ):
+        return [image for sample in images for image in sample]
+    if isinstance(images, (list, tuple)) and _is_valid_list_of_images(images):
+        if isinstance(images[0], PIL.Image.Image) or images[0].ndim == 3:
+            return images
+        if images[0].ndim == 4:
+            return [image for batch in images for image in batch]
+    if _is_valid_image(images):
+        if isinstance(images, PIL.Image.Image) or images.ndim == 3:
+            return [images]
+        if images.ndim == 4:
+            return list(images)
+    raise ValueError(f"Could not make a flat list of images from {images}")
+
+
 def _describe(source: str, limit: int = 120) -> str:
     """A path/URL short enough for an error message (base64 payloads can be megabytes)."""
     return source if len(source) <= limit else source[:limit] + "..."
@@ -48,26 +76,6 @@ def _is_empty(image) -> bool:
     """True for a PIL image, array or tensor with a zero-sized dimension."""
     shape = image.size if isinstance(image, PIL.Image.Image) else tuple(image.shape)
     return 0 in shape
-
-
-def load_image_source(source: str, index: int) -> PIL.Image.Image:
-    """Load a path, http(s) URL or base64 string with transformers' `load_image`; errors name the image."""
-    is_remote = source.startswith(("http://", "https://", "data:image/"))
-    try:
-        image = load_image(source)
-    except Exception as error:  # PIL, httpx and base64 raise many types; the user needs one, naming the image
-        if not is_remote and not os.path.isfile(source):
-            raise ValueError(
-                f"Image {index} ('{_describe(source)}') is not an existing file, an http(s) URL or base64 data; "
-                f"check the path (relative paths start at {os.getcwd()})."
-            ) from error
-        raise ValueError(
-            f"Image {index} ('{_describe(source)}') could not be read as an image ({type(error).__name__}: {error}); "
-            "check that the file is a complete image PIL can open (JPEG, PNG, WebP, ...)."
-        ) from error
-    if _is_empty(image):
-        raise ValueError(f"Image {index} ('{_describe(source)}') is empty (size {image.size}); pass a non-empty image.")
-    return image
 
 
 class LlavaExtImageProcessor(LlavaImageProcessorPil):
@@ -88,11 +96,8 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
             Any [`ImagesKwargs`] (`size`, `crop_size`, `do_pad`, `image_mean`, ...), as for `LlavaImageProcessorPil`.
     """
 
-    valid_kwargs = LlavaExtImagesKwargs
+    valid_kwargs = LlavaExtImagesKwargs  # what transformers reads to accept `image_backend` as a kwarg
     image_backend = "pil"
-
-    def __init__(self, **kwargs: Unpack[LlavaExtImagesKwargs]):
-        super().__init__(**kwargs)
 
     def fetch_images(self, image_url_or_urls):
         """Load every path/URL/base64 string in a (nested) list of images; keeps the nesting and in-memory images."""
@@ -103,8 +108,8 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
                 return [fetch(element) for element in item]
             index = next(position)
             if isinstance(item, str):
-                return load_image_source(item, index)
-            if not is_valid_image(item):
+                return self._load_image_source(item, index)
+            if not _is_valid_image(item):
                 raise TypeError(
                     f"Image {index} is a {type(item).__name__}; pass a PIL image, NumPy array, torch tensor, "
                     "file path or http(s) URL."
@@ -112,6 +117,29 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
             return item
 
         return fetch(image_url_or_urls)
+
+    def _load_image_source(self, source: str, index: int) -> PIL.Image.Image:
+        """Load a path, http(s) URL or base64 string with transformers' `load_image`; errors name the image."""
+        is_remote = source.startswith(("http://", "https://", "data:image/"))
+        try:
+            # For one string the parent's `fetch_images` is `load_image`, which is not a top-level transformers export.
+            image = super().fetch_images(source)
+        except Exception as error:  # PIL, httpx and base64 raise many types; the user needs one, naming the image
+            if not is_remote and not os.path.isfile(source):
+                raise ValueError(
+                    f"Image {index} ('{_describe(source)}') is not an existing file, an http(s) URL or base64 data; "
+                    f"check the path (relative paths start at {os.getcwd()})."
+                ) from error
+            raise ValueError(
+                f"Image {index} ('{_describe(source)}') could not be read as an image "
+                f"({type(error).__name__}: {error}); check that the file is a complete image PIL can open "
+                "(JPEG, PNG, WebP, ...)."
+            ) from error
+        if _is_empty(image):
+            raise ValueError(
+                f"Image {index} ('{_describe(source)}') is empty (size {image.size}); pass a non-empty image."
+            )
+        return image
 
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
         images = super()._prepare_images_structure(images, expected_ndims=expected_ndims)
@@ -133,9 +161,9 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
         self,
         images: list[np.ndarray],
         do_resize: bool,
-        size: SizeDict,
+        size,
         do_center_crop: bool,
-        crop_size: SizeDict,
+        crop_size,
         do_rescale: bool,
         rescale_factor: float,
         do_normalize: bool,
@@ -146,7 +174,10 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
         device: str | torch.device | None = None,
         **kwargs,
     ) -> BatchFeature:
-        """The batched torch path: one resize/crop/normalize per group of same-sized images (channels first)."""
+        """The batched torch path: one resize/crop/normalize per group of same-sized images (channels first).
+
+        `size` and `crop_size` are transformers' `SizeDict`s (`.shortest_edge`, `.height`, ...), as the PIL path gets.
+        """
         groups = defaultdict(list)
         for index, image in enumerate(images):
             groups[image.shape].append(index)
@@ -176,12 +207,14 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
 
-def _output_size(image: torch.Tensor, size: SizeDict) -> tuple[int, int]:
-    """Resized (height, width) of a channels-first image, by transformers' own rule for the PIL path's sizes."""
+def _output_size(image: torch.Tensor, size) -> tuple[int, int]:
+    """Resized (height, width) of a channels-first image for a `SizeDict` `size`, by the PIL path's rules."""
     if size.shortest_edge and not size.longest_edge:
-        return get_resize_output_image_size(
-            image, size=size.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST
-        )
+        # transformers' `get_resize_output_image_size(default_to_square=False)`, which is not a top-level export
+        height, width = image.shape[-2:]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size.shortest_edge, int(size.shortest_edge * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
     if size.height and size.width:
         return size.height, size.width
     raise ValueError(

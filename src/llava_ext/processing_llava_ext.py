@@ -12,15 +12,16 @@
     BatchFeature(input_ids, attention_mask, pixel_values[, mm_token_type_ids])
 
 Chat templates are Jinja files in `chat_templates/` chosen by name ("llava-1.5", "mistral", "chatml", "llama-3");
-"llava-1.5" is the default. This file is copied next to checkpoints for `trust_remote_code` (imports: standard library
-and transformers only); there the template comes from the checkpoint's `chat_template.jinja`.
+"llava-1.5" is the default. This file is copied next to checkpoints for `trust_remote_code` (imports: standard library,
+names exported by the top-level `transformers` package, and the image processor file beside it, so it keeps working on
+newer transformers releases); there the template comes from the checkpoint's `chat_template.jinja`.
 """
 
 from pathlib import Path
 
-from transformers.image_utils import make_flat_list_of_images
-from transformers.models.llava.processing_llava import LlavaProcessor
-from transformers.processing_utils import ProcessorMixin
+from transformers import LlavaProcessor, ProcessorMixin
+
+from .image_processing_llava_ext import _make_flat_list_of_images
 
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 CHAT_TEMPLATE_NAMES = ("llava-1.5", "mistral", "chatml", "llama-3")
@@ -136,7 +137,7 @@ class LlavaExtProcessor(LlavaProcessor):
         if text is not None and (images is not None or self.image_token in str(text)):
             samples = [text] if isinstance(text, str) else text
             markers = [sample.count(self.image_token) for sample in samples]
-            num_images = 0 if images is None else len(make_flat_list_of_images(images))
+            num_images = 0 if images is None else len(_make_flat_list_of_images(images))
             if sum(markers) != num_images:
                 raise ValueError(
                     f"The text has {sum(markers)} '{self.image_token}' markers (per sample: {markers}) but "
