@@ -3,7 +3,7 @@
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import BOS_ID, build_tiny_tokenizer
+from conftest import BOS_ID, build_tiny_tokenizer, needs_image_assistant_masks
 
 from llava_ext import LlavaExtImageProcessor, LlavaExtProcessor
 from llava_ext.processing_llava_ext import CHAT_TEMPLATE_NAMES
@@ -105,6 +105,7 @@ def test_unknown_template_name_lists_the_choices():
 
 
 @pytest.mark.parametrize("name", list(MASK_SEGMENTS))
+@needs_image_assistant_masks
 def test_assistant_mask_covers_exactly_the_answers(name):
     processor = make_processor(name)
     out = processor.apply_chat_template(

@@ -8,7 +8,9 @@ import json
 import string
 
 import pytest
-from conftest import BOS_ID, IMAGE_TOKEN_ID, NUM_PATCHES, PAD_ID, build_tiny_tokenizer
+from conftest import (
+    BOS_ID, IMAGE_TOKEN_ID, NUM_PATCHES, PAD_ID, build_tiny_tokenizer, needs_image_assistant_masks,
+)
 from PIL import Image
 
 from llava_ext.data import LlavaConversationDataset, LlavaExtDataCollator, SampleError
@@ -76,6 +78,7 @@ def expected_ids_and_labels(rendered: str, answers: list[str], end: str) -> tupl
 
 
 @pytest.mark.parametrize("template", sorted(END_OF_ANSWER))
+@needs_image_assistant_masks
 def test_collator_trains_exactly_the_answers_and_end_marker(template):
     processor = make_processor(template)
     batch = LlavaExtDataCollator(processor)(SAMPLES)
@@ -102,6 +105,7 @@ def test_collator_text_only_batch_has_no_pixel_values():
     assert batch["labels"].ne(-100).sum() == len("Hello!</s>") - len("</s>") + 1 + len("No.") + 1
 
 
+@needs_image_assistant_masks
 def test_truncation_keeps_image_tokens_or_rejects():
     processor = make_processor()
     sample = SAMPLES[2]
@@ -146,6 +150,7 @@ def write_data(tmp_path, fmt: str):
 
 
 @pytest.mark.parametrize("fmt", ["llava", "messages"])
+@needs_image_assistant_masks
 def test_dataset_formats_lazy_images_and_named_errors(tmp_path, fmt):
     path = write_data(tmp_path, fmt)
     dataset = LlavaConversationDataset(path, image_folder=tmp_path / "imgs")  # a missing image is not opened yet

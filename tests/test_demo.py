@@ -2,6 +2,8 @@
 
 import random
 
+from conftest import needs_image_assistant_masks
+
 from llava_ext.cli import main
 from llava_ext.demo import COLORS, SHAPES, draw_shape
 
@@ -13,6 +15,7 @@ def test_drawn_shapes_show_the_colour():
     assert blue > 180 and red < 120 and green < 140
 
 
+@needs_image_assistant_masks
 def test_demo_quick_learns_well_above_chance(tmp_path, capsys):
     assert main(["demo", "--quick", "--no-progress", "--output-dir", str(tmp_path)]) == 0
     report = capsys.readouterr().out

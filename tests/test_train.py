@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llava_config
+from conftest import needs_image_assistant_masks, tiny_llava_config
 from PIL import Image
 from safetensors.torch import load_file
 from test_data import SAMPLES, make_processor
@@ -56,6 +56,7 @@ def weights(path) -> dict[str, torch.Tensor]:
     return load_file(Path(path) / "model.safetensors")
 
 
+@needs_image_assistant_masks
 def test_one_trainer_step_matches_transformers_llava(tmp_path):
     """A real Trainer step with SGD at lr 1: the weight change is minus the gradient, the log holds the loss."""
     config = tiny_llava_config()
@@ -104,6 +105,7 @@ def test_unknown_config_key_is_named(tmp_path):
         parse_config(tmp_path / "bad.yaml")
 
 
+@needs_image_assistant_masks
 def test_stage1_trains_only_the_projector_and_checkpoints_load(workdir):
     output, _ = run_recipe(workdir, "pretrain-projector.yaml", "stage1", "--max_steps", "3",
                            "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "5")
@@ -122,6 +124,7 @@ def test_stage1_trains_only_the_projector_and_checkpoints_load(workdir):
         assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
 
 
+@needs_image_assistant_masks
 def test_stage2_leaves_vision_tower_and_resumes(workdir):
     stage2 = ["--learning_rate", "1e-3", "--save_strategy", "steps", "--save_steps", "1"]
     output, _ = run_recipe(workdir, "finetune.yaml", "stage2", "--max_steps", "1", *stage2)
@@ -139,6 +142,7 @@ def test_stage2_leaves_vision_tower_and_resumes(workdir):
     assert any("lm_head" in name for name in changed)
 
 
+@needs_image_assistant_masks
 def test_lora_with_checkpointing_trains_and_merge_matches(workdir):
     output, _ = run_recipe(workdir, "finetune-lora.yaml", "lora", "--max_steps", "2", "--learning_rate", "1e-2",
                            "--lora_r", "4", "--lora_alpha", "8")
@@ -164,6 +168,7 @@ def test_lora_with_checkpointing_trains_and_merge_matches(workdir):
     assert vision and all(torch.equal(before[name], after[name]) for name in vision)
 
 
+@needs_image_assistant_masks
 def test_torchrun_two_processes(workdir):
     """`torchrun --nproc_per_node 2 -m llava_ext.cli train ...`: DDP over gloo on CPU, no code change (~15 s)."""
     output = workdir / "ddp"

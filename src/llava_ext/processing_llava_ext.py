@@ -65,6 +65,15 @@ def _has_image(conversation: list) -> bool:
     )
 
 
+def image_assistant_masks_supported() -> bool:
+    """Whether the installed transformers aligns assistant masks with expanded image tokens.
+
+    Older releases (5.17) map the template's assistant spans onto the text *after* each '<image>' was expanded, so the
+    mask lands on prompt or image tokens: a silently wrong training label. The fix brought this method (5.2x).
+    """
+    return hasattr(ProcessorMixin, "_adjust_assistant_masks_indices")
+
+
 class LlavaExtProcessor(LlavaProcessor):
     r"""
     LLaVA processor: an image processor and a tokenizer, expanding each `<image>` in the text into as many image tokens
@@ -120,13 +129,8 @@ class LlavaExtProcessor(LlavaProcessor):
             isinstance(self.chat_template, dict) and chat_template in self.chat_template
         ):
             chat_template = _resolve_template(chat_template)
-        # Older transformers (5.17) map the template's assistant spans onto the text *after* each '<image>' was
-        # expanded, so the mask lands on prompt or image tokens: a silently wrong training label.
-        if (
-            kwargs.get("return_assistant_tokens_mask")
-            and not hasattr(ProcessorMixin, "_adjust_assistant_masks_indices")
-            and _has_image(conversation)
-        ):
+        wants_mask = kwargs.get("return_assistant_tokens_mask")
+        if wants_mask and not image_assistant_masks_supported() and _has_image(conversation):
             raise ValueError(
                 "return_assistant_tokens_mask with images needs a newer transformers: this version misaligns the mask "
                 "after image-token expansion. Upgrade transformers (5.23 works), or mask without images."
@@ -169,4 +173,4 @@ class LlavaExtProcessor(LlavaProcessor):
             raise
 
 
-__all__ = ["CHAT_TEMPLATE_NAMES", "LlavaExtProcessor", "load_chat_template"]
+__all__ = ["CHAT_TEMPLATE_NAMES", "LlavaExtProcessor", "image_assistant_masks_supported", "load_chat_template"]
