@@ -48,6 +48,7 @@ from .original import (
     original_text_model_type,
     rename_key,
 )
+from .refresh import refresh_checkpoint_code
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 VOCAB_MULTIPLE = 64  # transformers' convert_llava_weights_to_hf pads the resized vocabulary to a multiple of 64
@@ -492,11 +493,15 @@ CONVERT_EXAMPLE = (
     "--vision-tower openai/clip-vit-large-patch14-336 --dtype float16 --push-to-hub me/llava-v1.5-7b-ext --private"
 )
 EXPORT_EXAMPLE = "example:\n  llava-ext export ./llava-v1.5-7b-ext ./llava-v1.5-7b-stock --dtype float16"
+REFRESH_CODE_EXAMPLE = (
+    "example:\n  llava-ext refresh-code me/llava-v1.5-7b-ext --output-dir ./llava-v1.5-7b-ext "
+    "--push-to-hub me/llava-v1.5-7b-ext --revision refresh-code"
+)
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
 
 
 def add_parser(subparsers) -> None:
-    """Add the `convert` and `export` subcommands to the `llava-ext` CLI."""
+    """Add the `convert`, `export` and `refresh-code` subcommands to the `llava-ext` CLI."""
     convert = subparsers.add_parser(
         "convert",
         help="convert an original LLaVA or llava-hf checkpoint to llava_ext",
@@ -527,6 +532,24 @@ def add_parser(subparsers) -> None:
     _add_writing_arguments(export)
     export.set_defaults(func=_run_export)
 
+    refresh = subparsers.add_parser(
+        "refresh-code",
+        help="update the code shipped inside a llava_ext checkpoint to this llava_ext",
+        description="Replace the llava_ext code inside a checkpoint (its .py files and the auto_map entries naming\n"
+        "them) with the installed llava_ext's, so it loads with trust_remote_code=True on newer transformers.\n"
+        "Weights and every other file are kept as they are. In place, the refreshed directory (unchanged files\n"
+        "hard-linked) replaces the original only when complete; a Hub repo needs --output-dir or --push-to-hub.",
+        epilog=REFRESH_CODE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    refresh.add_argument("checkpoint", metavar="CHECKPOINT", help="llava_ext checkpoint directory or Hub repo id")
+    refresh.add_argument("--output-dir", metavar="OUT", help="write a refreshed copy here instead of in place")
+    refresh.add_argument("--overwrite", action="store_true", help="replace an existing OUT once the new one is done")
+    refresh.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the refreshed checkpoint to this Hub repo")
+    refresh.add_argument("--private", action="store_true", help="create the Hub repo private")
+    refresh.add_argument("--revision", metavar="R", help="Hub branch to push to")
+    refresh.set_defaults(func=_run_refresh_code)
+
 
 def _add_writing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights (default: keep)")
@@ -556,4 +579,27 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "convert_checkpoint", "detect_layout", "export_checkpoint", "push_to_hub"]
+def _run_refresh_code(args: argparse.Namespace) -> int:
+    try:
+        out = refresh_checkpoint_code(
+            args.checkpoint, args.output_dir, overwrite=args.overwrite, push_to_hub_repo=args.push_to_hub,
+            private=args.private, revision=args.revision,
+        )
+    except USER_ERRORS as error:
+        raise SystemExit(f"llava-ext refresh-code: error: {error}") from None
+    if out is None:  # a Hub checkpoint pushed only
+        print(f"Refreshed checkpoint pushed to https://huggingface.co/{args.push_to_hub}")
+    else:
+        pushed = f" (pushed to https://huggingface.co/{args.push_to_hub})" if args.push_to_hub else ""
+        print(f"Refreshed checkpoint: {out}{pushed}")
+    return 0
+
+
+__all__ = [
+    "add_parser",
+    "convert_checkpoint",
+    "detect_layout",
+    "export_checkpoint",
+    "push_to_hub",
+    "refresh_checkpoint_code",
+]
