@@ -253,8 +253,17 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         yield tmp_dir
         if out_dir.exists():  # overwrite: move the old one aside first so there is never a half-written out_dir
             old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old_dir / "old")
-            os.replace(tmp_dir, out_dir)
+            try:
+                os.replace(out_dir, old_dir / "old")
+            except BaseException:
+                old_dir.rmdir()
+                raise
+            try:
+                os.replace(tmp_dir, out_dir)
+            except BaseException:
+                os.replace(old_dir / "old", out_dir)  # put the original back before reporting the failure
+                old_dir.rmdir()
+                raise
             shutil.rmtree(old_dir, ignore_errors=True)
         else:
             os.replace(tmp_dir, out_dir)
