@@ -21,6 +21,7 @@ TORCH = "torch==2.13.0"
 MIDDLE_RELEASE = "5.20.2"
 # what each old release must keep working: the model, checkpoints with their code, old checkpoints, chat, processor
 COMPATIBILITY_SUBSET = [
+    "tests/test_compat.py",
     "tests/test_modeling_llava_ext.py",
     "tests/test_configuration_llava_ext.py",
     "tests/test_remote_code.py",

@@ -27,15 +27,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers.generation.streamers import BaseStreamer
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StaticCache
 
 import llava_ext
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
-from llava_ext.compat import CACHE_KWARG
 from llava_ext.chat import (
     CACHE_BLOCK, decode_compile_config, decode_compile_settings, new_static_cache, truncate_cache,
 )
+from llava_ext.compat import CACHE_KWARG, BaseStreamer
 
 SIZES = {
     # name: (vision tower, language model, text tokens, new tokens, batch-8 new tokens)

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer, logging
 
-from .compat import CACHE_KWARG, CompileConfig
+from .compat import CACHE_KWARG, CompileConfig, load_image
 
 logger = logging.get_logger(__name__)
 
@@ -442,8 +442,6 @@ def load_model_and_processor(
 
 def run_chat(args: argparse.Namespace) -> int:
     """The `llava-ext chat` loop: questions from stdin, streamed answers to stdout, errors to stderr."""
-    from transformers.image_utils import load_image
-
     model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.trust_remote_code)
     session = ChatSession(model, processor, system=args.system, compile=args.compile)
     generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}

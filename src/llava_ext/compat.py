@@ -14,14 +14,18 @@ Tested releases: 5.17.0 (the declared floor), 5.20.2, 5.23.0 and 5.24.0 (the new
 
 import dataclasses
 
-# CompileConfig: transformers.generation.configuration_utils on 5.17-5.24, re-exported by `transformers.generation`.
-from transformers.generation import CompileConfig
+# CompileConfig, BaseStreamer: transformers.generation.{configuration_utils,streamers} on 5.17-5.24, re-exported by
+# `transformers.generation` (not by the top-level package).
+from transformers.generation import BaseStreamer, CompileConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 # AutoImageProcessor: on releases before 5.2x, `transformers.AutoImageProcessor` is a torchvision-gated placeholder
 # when torchvision is missing; the module's class is the real one on 5.17-5.24, and a PIL image processor registers
 # with it without torchvision.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+# load_image (path, URL or base64 -> PIL): transformers.image_utils on 5.17-5.24, not exported at top level.
+from transformers.image_utils import load_image
 
 # LengthGroupedSampler, TrainOutput, get_last_checkpoint: trainer_pt_utils / trainer_utils on 5.17-5.24.
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -47,6 +51,12 @@ except ImportError:
 CACHE_KWARG = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
+# Trainer hook: LlavaExtTrainer overrides `Trainer._get_train_sampler(self, train_dataset=None)` (that signature on
+# 5.17-5.24; 4.x took no argument) so length-grouped batches read the dataset's cached lengths. A release that renames
+# the hook would skip the override silently: tests/test_compat.py checks it exists with that argument.
+TRAIN_SAMPLER_HOOK = "_get_train_sampler"
+
+
 def register_stock_checkpoint_layout(ours_to_stock: dict[str, str]) -> bool:
     """Give each of our model types / class names the conversion mapping of its stock twin.
 
@@ -64,12 +74,15 @@ def register_stock_checkpoint_layout(ours_to_stock: dict[str, str]) -> bool:
 
 __all__ = [
     "CACHE_KWARG",
+    "TRAIN_SAMPLER_HOOK",
+    "BaseStreamer",
     "AutoImageProcessor",
     "CompileConfig",
     "LengthGroupedSampler",
     "TrainOutput",
     "custom_object_save",
     "get_last_checkpoint",
+    "load_image",
     "register_stock_checkpoint_layout",
     "tqdm",
 ]

@@ -230,7 +230,7 @@ def apply_lora(model: PreTrainedModel, model_args: ModelArguments):
 class LlavaExtTrainer(Trainer):
     """`Trainer` whose length-grouped sampler reads the dataset's cheap `lengths` instead of tokenizing every item."""
 
-    def _get_train_sampler(self, train_dataset=None):
+    def _get_train_sampler(self, train_dataset=None):  # compat.TRAIN_SAMPLER_HOOK
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
