@@ -14,6 +14,8 @@ Tested releases: 5.17.0 (the declared floor), 5.20.2, 5.23.0 and 5.24.0 (the new
 
 import dataclasses
 
+from transformers import TrainingArguments
+
 # CompileConfig, BaseStreamer: transformers.generation.{configuration_utils,streamers} on 5.17-5.24, re-exported by
 # `transformers.generation` (not by the top-level package).
 from transformers.generation import BaseStreamer, CompileConfig
@@ -51,6 +53,11 @@ except ImportError:
 CACHE_KWARG = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
+# TrainingArguments' name for activation (gradient) checkpointing: `activation_checkpointing` where it exists (5.24; the
+# old `gradient_checkpointing` warns until v6), `gradient_checkpointing` on 5.17. Recipes may say either.
+CHECKPOINTING_ARGS = ("activation_checkpointing", "gradient_checkpointing")
+CHECKPOINTING_ARG = next(name for name in CHECKPOINTING_ARGS if name in {f.name for f in dataclasses.fields(TrainingArguments)})
+
 # Trainer hook: LlavaExtTrainer overrides `Trainer._get_train_sampler(self, train_dataset=None)` (that signature on
 # 5.17-5.24; 4.x took no argument) so length-grouped batches read the dataset's cached lengths. A release that renames
 # the hook would skip the override silently: tests/test_compat.py checks it exists with that argument.
@@ -74,6 +81,8 @@ def register_stock_checkpoint_layout(ours_to_stock: dict[str, str]) -> bool:
 
 __all__ = [
     "CACHE_KWARG",
+    "CHECKPOINTING_ARG",
+    "CHECKPOINTING_ARGS",
     "TRAIN_SAMPLER_HOOK",
     "BaseStreamer",
     "AutoImageProcessor",

@@ -36,7 +36,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .compat import LengthGroupedSampler, TrainOutput, get_last_checkpoint
+from .compat import CHECKPOINTING_ARG, CHECKPOINTING_ARGS, LengthGroupedSampler, TrainOutput, get_last_checkpoint
 from .data import LlavaConversationDataset, LlavaExtDataCollator
 from .vision import normalize_layer_indices
 
@@ -121,6 +121,9 @@ def parse_config(
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"Config {str(path)!r} must be a YAML mapping of argument names to values.")
+    for name in CHECKPOINTING_ARGS:  # either name in a recipe, passed under the installed release's
+        if name in values and name != CHECKPOINTING_ARG:
+            values[CHECKPOINTING_ARG] = values.pop(name)
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
