@@ -13,7 +13,10 @@ Data flow of one forward:
                                                                     v
                                          language_model -> lm_head -> logits
 
-This file is copied next to checkpoints for `trust_remote_code`: it imports only torch, transformers and its siblings.
+This file is copied next to checkpoints for `trust_remote_code` and runs on transformers releases we have never seen:
+it imports only torch, the standard library, its siblings and transformers' stable public names (the top-level package
+and `transformers.modeling_outputs`), defines its own output classes, and detects API differences between releases by
+feature (`CACHE_NAME`, `IMAGE_OUTPUTS`, the language model's signature), never by version string.
 """
 
 import dataclasses
