@@ -311,3 +311,41 @@ def test_the_kv_cache_is_taken_under_either_name_but_not_both():
             torch.testing.assert_close(logits[:, -1], full.logits[:, -1], rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="Both `cache` and `past_key_values`"):
             ours(**step, cache=cache, past_key_values=cache)
+
+
+def test_get_image_features_returns_what_the_reference_returns_when_asked():
+    reference, ours = build_pair(**PARITY_CASES["clip-llama-layers-3-1"])
+    pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        ref = reference.model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
+        got = ours.model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
+        ref_tuple = reference.model.get_image_features(pixel_values, output_hidden_states=True, return_dict=False)
+        got_tuple = ours.get_image_features(pixel_values, output_hidden_states=True, return_dict=False)
+    assert len(got.hidden_states) == len(ref.hidden_states) == reference.config.vision_config.num_hidden_layers + 1
+    for ours_state, ref_state in zip(got.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(ours_state, ref_state, rtol=0, atol=1e-5)
+    assert len(got.attentions) == len(ref.attentions) == reference.config.vision_config.num_hidden_layers
+    for ours_attention, ref_attention in zip(got.attentions, ref.attentions):
+        torch.testing.assert_close(ours_attention, ref_attention, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=0, atol=1e-5)
+    for ours_features, ref_features in zip(got.pooler_output, ref.pooler_output):
+        torch.testing.assert_close(ours_features, ref_features, rtol=0, atol=1e-5)
+    assert isinstance(got_tuple, tuple) and len(got_tuple) == len(ref_tuple)
+    assert [type(item).__name__ for item in got_tuple] == [type(item).__name__ for item in ref_tuple]
+
+
+def test_get_image_features_runs_only_the_read_layers_unless_more_is_asked_for():
+    _, ours = build_pair(**PARITY_CASES["clip-llama-layer-2-default"])  # reads layer -2 of 3
+    ran = []
+    hooks = [layer.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+             for i, layer in enumerate(ours.model.vision_tower.encoder.layers)]
+    pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        plain = ours.model.get_image_features(pixel_values)
+        assert ran == [0, 1] and plain.hidden_states is None and plain.attentions is None
+        ran.clear()
+        full = ours.model.get_image_features(pixel_values, output_hidden_states=True)
+        assert ran == [0, 1, 2] and len(full.hidden_states) == 4
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(full.pooler_output[0], plain.pooler_output[0], rtol=0, atol=1e-6)

@@ -224,16 +224,25 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.language_model.set_input_embeddings(value)
 
-    def _select_vision_states(self, pixel_values, layers, strategy, **kwargs) -> torch.Tensor:
-        """Concatenated hidden states at `layers`, CLS dropped for 'default': (num_images, num_features, hidden x len)."""
-        if hasattr(self.vision_tower, "select_hidden_states"):
+    def _run_vision_tower(
+        self, pixel_values, layers, output_hidden_states, output_attentions, **kwargs
+    ) -> tuple[list[torch.Tensor], BaseModelOutputWithPooling]:
+        """Hidden states at `layers`, and what the tower returns besides: the requested layers only, unless the caller
+        asked for every hidden state or the attentions (then the whole tower runs, as the reference's)."""
+        if hasattr(self.vision_tower, "select_hidden_states") and not (output_hidden_states or output_attentions):
             states = self.vision_tower.select_hidden_states(pixel_values, layers, **kwargs)
-        else:  # a stock tower of another type: ask it for every hidden state
-            outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
-            states = [outputs.hidden_states[layer] for layer in layers]
-        if strategy == "default":
-            states = [state[:, 1:] for state in states]  # (num_images, num_patches, vision_hidden)
-        return torch.cat(states, dim=-1)  # (num_images, num_features, vision_hidden * len(layers))
+            return states, BaseModelOutputWithPooling()
+        outputs = self.vision_tower(
+            pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True, **kwargs
+        )
+        states = [outputs.hidden_states[layer] for layer in layers]
+        tower_output = BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=getattr(outputs, "pooler_output", None),  # replaced by the projected features; keeps order
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions if output_attentions else None,
+        )
+        return states, tower_output
 
     def get_image_features(
         self,
@@ -241,34 +250,53 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        """Projected image features.
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Projected image features, with the vision tower's hidden states and attentions when asked for.
 
         Args:
             pixel_values (`torch.Tensor` of shape `(num_images, channels, height, width)`): the images.
             vision_feature_layer (`int` or `list[int]`, *optional*): overrides `config.vision_feature_layer`.
             vision_feature_select_strategy (`str`, *optional*): overrides `config.vision_feature_select_strategy`.
             image_sizes (`torch.Tensor` of shape `(num_images, 2)`, *optional*): for towers taking variable sizes.
+            output_hidden_states (`bool`, *optional*): also return every hidden state of the vision tower (the whole
+                tower then runs, as the reference's does).
+            output_attentions (`bool`, *optional*): also return the vision tower's attentions (needs an attention
+                implementation that returns them, e.g. `"eager"`).
+            return_dict (`bool`, *optional*): `False` returns the output as a tuple; defaults to `config.return_dict`.
 
         Returns:
-            `BaseModelOutputWithPooling` whose `pooler_output` is a list with one `(num_features, text_hidden)` tensor
-            per image (as the reference), `last_hidden_state` the selected (unprojected) vision states.
+            `BaseModelOutputWithPooling`: `pooler_output` is a list with one `(num_features, text_hidden)` tensor per
+            image (as the reference). When the whole tower ran (hidden states or attentions asked for),
+            `last_hidden_state`, `hidden_states` and `attentions` are the tower's, as the reference's; otherwise only
+            the layers `vision_feature_layer` reads ran, and `last_hidden_state` holds the selected (unprojected)
+            states `(num_images, num_features, vision_hidden * num_layers)`.
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         layers = [layer] if isinstance(layer, int) else list(layer)
-        kwargs = {key: value for key, value in kwargs.items() if key not in ("return_dict", "output_hidden_states")}
+        # transformers >= 5.24 may pass the wanted layer indices here; only an explicit True asks for every state
+        output_hidden_states = output_hidden_states is True
         if image_sizes is not None and not hasattr(self.vision_tower, "select_hidden_states"):
             kwargs["image_sizes"] = image_sizes  # only variable-size towers (e.g. Pixtral) take it
-        selected = self._select_vision_states(pixel_values, layers, strategy, **kwargs)
+        states, output = self._run_vision_tower(pixel_values, layers, output_hidden_states, output_attentions, **kwargs)
+        if strategy == "default":
+            states = [state[:, 1:] for state in states]  # (num_images, num_patches, vision_hidden)
+        selected = torch.cat(states, dim=-1)  # (num_images, num_features, vision_hidden * len(layers))
         image_features = self.multi_modal_projector(selected)  # (num_images, num_features, text_hidden)
         if "image_sizes" in kwargs:
             split_sizes = (torch.as_tensor(image_sizes) // self.vision_tower.patch_size).prod(dim=-1).tolist()
             image_features = list(torch.split(image_features.squeeze(0), split_sizes))
         else:
             image_features = list(image_features)
-        return BaseModelOutputWithPooling(last_hidden_state=selected, pooler_output=image_features)
+        if output.last_hidden_state is None:
+            output.last_hidden_state = selected
+        output.pooler_output = image_features
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
 
     def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Boolean `(batch, seq)` mask of the image placeholder positions, from the ids or, failing those, the embeddings."""
@@ -349,6 +377,7 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=strategy,
                 image_sizes=image_sizes,
+                return_dict=True,
             )
             # (total_image_tokens, text_hidden)
             image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
