@@ -515,9 +515,7 @@ def add_parser(subparsers) -> None:
     convert.add_argument("--vision-tower", metavar="DIR", help="CLIP tower directory or repo id (original format)")
     convert.add_argument("--base-model", metavar="REPO_ID", help="base model named in the model card")
     _add_writing_arguments(convert)
-    convert.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repo")
-    convert.add_argument("--private", action="store_true", help="create the Hub repo private")
-    convert.add_argument("--revision", metavar="R", help="Hub branch to push to")
+    _add_push_arguments(convert, "upload the result to this Hub repo")
     convert.set_defaults(func=_run_convert)
 
     export = subparsers.add_parser(
@@ -545,10 +543,14 @@ def add_parser(subparsers) -> None:
     refresh.add_argument("checkpoint", metavar="CHECKPOINT", help="llava_ext checkpoint directory or Hub repo id")
     refresh.add_argument("--output-dir", metavar="OUT", help="write a refreshed copy here instead of in place")
     refresh.add_argument("--overwrite", action="store_true", help="replace an existing OUT once the new one is done")
-    refresh.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the refreshed checkpoint to this Hub repo")
-    refresh.add_argument("--private", action="store_true", help="create the Hub repo private")
-    refresh.add_argument("--revision", metavar="R", help="Hub branch to push to")
+    _add_push_arguments(refresh, "upload the refreshed checkpoint to this Hub repo")
     refresh.set_defaults(func=_run_refresh_code)
+
+
+def _add_push_arguments(parser: argparse.ArgumentParser, push_help: str) -> None:
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help=push_help)
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--revision", metavar="R", help="Hub branch to push to")
 
 
 def _add_writing_arguments(parser: argparse.ArgumentParser) -> None:
