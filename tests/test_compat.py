@@ -8,11 +8,13 @@ import inspect
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_llava_config
 from safetensors import safe_open
 from transformers import AutoModel, LlavaForConditionalGeneration, Trainer
 
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration, compat
+from llava_ext.modeling_llava_ext import AUTO_MAP
 
 
 def test_cache_kwarg_is_the_name_the_language_models_take():
@@ -51,3 +53,15 @@ def test_models_made_here_save_the_stock_key_layout(tmp_path):
             return sorted(handle.keys())
 
     assert keys(tmp_path / "ours") == keys(tmp_path / "stock")
+
+
+def test_every_auto_class_of_stock_llava_resolves_to_ours():
+    """Pipelines and tools pick models through whichever Auto tables hold `llava`; each must find llava_ext too."""
+    found = compat.auto_model_classes_for("llava")
+    assert transformers.AutoModelForImageTextToText in found and transformers.AutoModel in found
+    config = LlavaExtConfig(**tiny_llava_config().to_dict())
+    for auto_class in found:
+        model = auto_class.from_config(config)
+        expected = "LlavaExtModel" if auto_class is transformers.AutoModel else "LlavaExtForConditionalGeneration"
+        assert type(model).__name__ == expected, auto_class.__name__
+    assert {auto_class.__name__ for auto_class in found} <= set(AUTO_MAP)  # saved checkpoints map them too

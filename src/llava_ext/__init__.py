@@ -7,7 +7,7 @@ saved checkpoint carries its own code and loads with `trust_remote_code=True` wh
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .chat import ChatSession
-from .compat import AutoImageProcessor, register_stock_checkpoint_layout
+from .compat import AutoImageProcessor, auto_model_classes_for, register_stock_checkpoint_layout
 from .configuration_llava_ext import LlavaExtConfig
 from .image_processing_llava_ext import LlavaExtImageProcessor
 from .modeling_llava_ext import (
@@ -23,9 +23,13 @@ from .vision import STOCK_TOWER_NAMES
 __version__ = "0.1.0"
 
 AutoConfig.register(LlavaExtConfig.model_type, LlavaExtConfig, exist_ok=True)
-AutoModel.register(LlavaExtConfig, LlavaExtModel, exist_ok=True)
-AutoModelForImageTextToText.register(LlavaExtConfig, LlavaExtForConditionalGeneration, exist_ok=True)
-AutoModelForCausalLM.register(LlavaExtConfig, LlavaExtForConditionalGeneration, exist_ok=True)
+# Every Auto class transformers' own llava is registered under in this release (AutoModel, AutoModelForImageTextToText,
+# AutoModelForMultimodalLM, AutoModelForPreTraining, ...), so pipelines and tools that pick a model through those
+# tables find ours; AutoModelForCausalLM too, for tools that only know causal LMs.
+for _auto_class in {*auto_model_classes_for("llava"), AutoModelForImageTextToText, AutoModelForCausalLM}:
+    _auto_class.register(
+        LlavaExtConfig, LlavaExtModel if _auto_class is AutoModel else LlavaExtForConditionalGeneration, exist_ok=True
+    )
 AutoImageProcessor.register(LlavaExtConfig, image_processor_classes={"pil": LlavaExtImageProcessor}, exist_ok=True)
 AutoProcessor.register(LlavaExtConfig, LlavaExtProcessor, exist_ok=True)
 

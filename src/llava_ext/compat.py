@@ -14,6 +14,7 @@ Tested releases: 5.17.0 (the declared floor), 5.20.2, 5.23.0 and 5.24.0 (the new
 
 import dataclasses
 
+import transformers
 from transformers import TrainingArguments
 
 # CompileConfig, BaseStreamer: transformers.generation.{configuration_utils,streamers} on 5.17-5.24, re-exported by
@@ -64,6 +65,22 @@ CHECKPOINTING_ARG = next(name for name in CHECKPOINTING_ARGS if name in {f.name 
 TRAIN_SAMPLER_HOOK = "_get_train_sampler"
 
 
+def auto_model_classes_for(model_type: str) -> list[type]:
+    """The top-level `AutoModel*` classes under which transformers registers `model_type` in the installed release.
+
+    Each Auto class keeps its table in `_model_mapping._model_mapping` (config model type -> class name) on 5.17-5.24;
+    5.2x added `AutoModelForMultimodalLM` for llava. Detected, not listed, so a new table is picked up as it appears.
+    """
+    found = []
+    for name in sorted(dir(transformers)):
+        if not name.startswith("AutoModel"):
+            continue
+        table = getattr(getattr(getattr(transformers, name, None), "_model_mapping", None), "_model_mapping", None)
+        if isinstance(table, dict) and model_type in table:
+            found.append(getattr(transformers, name))
+    return found
+
+
 def register_stock_checkpoint_layout(ours_to_stock: dict[str, str]) -> bool:
     """Give each of our model types / class names the conversion mapping of its stock twin.
 
@@ -89,6 +106,7 @@ __all__ = [
     "CompileConfig",
     "LengthGroupedSampler",
     "TrainOutput",
+    "auto_model_classes_for",
     "custom_object_save",
     "get_last_checkpoint",
     "load_image",

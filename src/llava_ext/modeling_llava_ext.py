@@ -164,6 +164,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_llava_ext.LlavaExtModel",
     "AutoModelForImageTextToText": "modeling_llava_ext.LlavaExtForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_llava_ext.LlavaExtForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_llava_ext.LlavaExtForConditionalGeneration",  # where the release has it
+    "AutoModelForPreTraining": "modeling_llava_ext.LlavaExtForConditionalGeneration",
 }
 
 
