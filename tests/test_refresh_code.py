@@ -222,9 +222,11 @@ def test_auto_maps_are_merged_and_only_our_processor_references_move(checkpoint)
     }
     changed = [line for line in difflib.ndiff(old_config_text.splitlines(), config_path.read_text().splitlines())
                if line[:1] in "+-"]
-    assert changed == [  # the two entries added, every other byte as it was
+    assert changed == [  # the missing entries added, every other byte as it was
         '+     "AutoModelForCausalLM": "modeling_llava_ext.LlavaExtForConditionalGeneration",',
         '+     "AutoModelForImageTextToText": "modeling_llava_ext.LlavaExtForConditionalGeneration",',
+        '+     "AutoModelForMultimodalLM": "modeling_llava_ext.LlavaExtForConditionalGeneration",',
+        '+     "AutoModelForPreTraining": "modeling_llava_ext.LlavaExtForConditionalGeneration",',
     ]
     assert json.loads(tokenizer_path.read_text())["auto_map"] == {
         "AutoProcessor": "processing_llava_ext.LlavaExtProcessor",
