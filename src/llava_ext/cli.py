@@ -9,7 +9,9 @@ import importlib
 import importlib.util
 
 # subcommand modules, in the order `--help` lists them
-SUBCOMMAND_MODULES = ("llava_ext.demo", "llava_ext.train", "llava_ext.chat", "llava_ext.convert")
+SUBCOMMAND_MODULES = (
+    "llava_ext.demo", "llava_ext.train", "llava_ext.chat", "llava_ext.cli_serve", "llava_ext.cli_eval", "llava_ext.convert"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
