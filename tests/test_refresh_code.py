@@ -315,3 +315,19 @@ def test_help_ends_with_an_example(capsys):
         main(["refresh-code", "--help"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2] == "example:" and lines[-1].strip().startswith("llava-ext refresh-code ")
+
+
+def test_a_refresh_killed_between_its_renames_is_put_back_by_the_next_run(checkpoint):
+    """SIGKILL after the original was moved aside and before the new one moved in: the next run restores, refreshes."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    moved_aside = checkpoint.parent / f".{checkpoint.name}.{int(dead.stdout)}.abcd1234.old"
+    moved_aside.mkdir()
+    checkpoint.rename(moved_aside / "old")
+    weights_before = hashlib.sha256((moved_aside / "old" / "model.safetensors").read_bytes()).hexdigest()
+
+    refresh_checkpoint_code(checkpoint)
+
+    assert [path.name for path in checkpoint.parent.iterdir()] == [checkpoint.name]
+    assert hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest() == weights_before
+    installed = Path(llava_ext.__file__).parent / "modeling_llava_ext.py"
+    assert (checkpoint / "modeling_llava_ext.py").read_bytes() == installed.read_bytes()

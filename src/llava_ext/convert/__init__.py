@@ -5,9 +5,11 @@
     export_checkpoint(SRC, OUT)    `llava_ext` -> stock `llava` (no remote code) for `LlavaForConditionalGeneration`
     push_to_hub(OUT, REPO_ID)      one commit with the whole directory
 
-Every writer streams tensors (see `io.py`) into a temporary sibling of OUT that is renamed into place only when
-complete, so a failure or Ctrl-C never leaves a half-written OUT. The `llava-ext convert` / `llava-ext export`
-subcommands are thin wrappers registered through `add_parser`.
+Every writer first checks the source's files (`io.check_checkpoint_files`: a truncated or missing file is named
+before any work), then streams tensors (see `io.py`) into a temporary sibling of OUT that is renamed into place only
+when complete, so a failure, Ctrl-C or SIGKILL never leaves a half-written OUT (a killed run's sibling is removed by
+the next run over the same OUT). The `llava-ext convert` / `llava-ext export` subcommands are thin wrappers
+registered through `add_parser`.
 """
 
 import argparse
@@ -37,8 +39,8 @@ from ..image_processing_llava_ext import LlavaExtImageProcessor
 from ..modeling_llava_ext import AUTO_MAP, LlavaExtForConditionalGeneration
 from ..processing_llava_ext import LlavaExtProcessor
 from ..vision import num_image_features
-from .io import PlannedTensor, TensorSource, atomic_directory, check_output_free, read_json, resolve_source
-from .io import write_sharded_safetensors
+from .io import PlannedTensor, TensorSource, atomic_directory, check_checkpoint_files, check_output_free, read_json
+from .io import resolve_source, write_sharded_safetensors
 from .original import (
     CLIP_TO_HF,
     ORIGINAL_TO_HF,
@@ -130,6 +132,7 @@ def convert_checkpoint(
     check_output_free(out, overwrite)  # before any download or heavy work
     dtype = _parse_dtype(dtype)
     src_dir = resolve_source(src)
+    check_checkpoint_files(src_dir)  # a truncated or missing file is named now, not midway through writing
     layout = detect_layout(read_json(src_dir / "config.json"), src_dir)
     if layout == "original":
         config, processor, plan = _plan_original(src_dir, vision_tower, dtype)
@@ -194,6 +197,7 @@ def _plan_original(src_dir: Path, vision_tower: str | os.PathLike | None, dtype:
     if not tower_source:
         raise ValueError(f"{src_dir / 'config.json'} names no mm_vision_tower; pass the CLIP tower (--vision-tower).")
     tower_dir = resolve_source(tower_source, what="vision tower")
+    check_checkpoint_files(tower_dir, processor=False, what="vision tower")
     vision_config = _clip_vision_config(tower_dir)
 
     text_type = original_text_model_type(original)
@@ -412,6 +416,7 @@ def export_checkpoint(
     check_output_free(out, overwrite)
     dtype = _parse_dtype(dtype)
     src_dir = resolve_source(src)
+    check_checkpoint_files(src_dir)
     config_dict = read_json(src_dir / "config.json")
     if config_dict.get("model_type") not in ("llava_ext", "llava"):
         raise ValueError(

@@ -6,11 +6,18 @@ Memory: a conversion holds at most one converted tensor at a time. Sources are r
 resident set stays near the size of the source's mapped pages plus the largest tensor, never two copies of the model.
 
     source files --mmap--> one tensor --rename / cast / resize--> file.write(bytes) --> shard --> ... --> os.rename
+
+Faults: `check_checkpoint_files` reads every small file a load parses and every safetensors header before any heavy
+work, so a truncated download or a half-copied checkpoint is named, with the fix, instead of surfacing as a bare
+`JSONDecodeError` or `SafetensorError` from inside transformers. A run killed while writing (SIGKILL, OOM killer)
+leaves at most a `.OUT.PID.XXXX.partial` or `.OUT.PID.XXXX.old` sibling, which the next run over the same OUT
+removes (or, for an `.old` holding the only copy of OUT, puts back).
 """
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -23,11 +30,24 @@ from huggingface_hub import snapshot_download, split_torch_state_dict_into_shard
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
+from transformers import logging
 
 from ..compat import tqdm
 
+logger = logging.get_logger(__name__)
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# JSON files from_pretrained parses: transformers names the file for config.json but not for the others
+MODEL_JSONS = ("config.json", "generation_config.json", SAFETENSORS_INDEX, BIN_INDEX)
+PROCESSOR_JSONS = (
+    "processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+)
+# a tokenizer needs one of these (fast, sentencepiece, BPE, WordPiece, tiktoken vocabularies); every LLaVA backbone
+# ships tokenizer.json or tokenizer.model
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tekken.json", "*.tiktoken")
+LFS_POINTER = b"version https://git-lfs"
 # files a conversion reads from a Hub snapshot; weights in pickled `.bin` are fetched only when no safetensors exist
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 SAFETENSORS_DTYPES = {
@@ -68,9 +88,88 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; a checkpoint directory needs it.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); the file may be truncated: download it again.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; download it again.")
+    return data
+
+
+def check_checkpoint_files(
+    directory: str | os.PathLike,
+    *,
+    weights: bool = True,
+    processor: bool = True,
+    config_name: str | None = "config.json",
+    what: str = "checkpoint",
+) -> None:
+    """Fail fast, naming the file and the fix, on a checkpoint whose files a load would choke on.
+
+    Checked without reading any tensor data: `config_name` and the other JSON files transformers parses (present
+    where required, valid JSON objects); with `weights`, the safetensors index (valid, every shard it lists present)
+    and each safetensors file's header (the data it describes fully in the file, so a truncated, overwritten or Git
+    LFS pointer file fails here); with `processor`, that a tokenizer vocabulary is there. For these faults
+    transformers raises a bare `JSONDecodeError`, `SafetensorError` or "Couldn't instantiate the backend tokenizer",
+    none naming the file. `.bin` weights, and a directory with no weights, are left to the loader, which names them.
+
+    Args:
+        directory (`str` or `os.PathLike`): a local checkpoint (or LoRA adapter) directory.
+        weights (`bool`, *optional*, defaults to `True`): check the weights (model.safetensors, its shards and index,
+            or adapter_model.safetensors).
+        processor (`bool`, *optional*, defaults to `True`): check the processor and tokenizer files.
+        config_name (`str`, *optional*, defaults to `"config.json"`): the file that must be there
+            (`"adapter_config.json"` for a LoRA adapter, `None` for a processor saved on its own).
+        what (`str`, *optional*, defaults to `"checkpoint"`): how errors name the directory.
+
+    Raises:
+        `FileNotFoundError` for a missing file, `ValueError` for a malformed one.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"The {what} {str(directory)!r} is not a directory; check the path.")
+    if config_name is not None and not (directory / config_name).is_file():
+        raise FileNotFoundError(
+            f"{directory / config_name} does not exist: is {directory} a {what} directory? If it is, the download or "
+            "copy is incomplete: download it again."
+        )
+    for name in ([config_name] if config_name else []) + [*MODEL_JSONS, *(PROCESSOR_JSONS if processor else ())]:
+        if (directory / name).is_file():
+            read_json(directory / name)
+    if weights:
+        for path in _safetensors_files(directory):
+            with _open_safetensors(path):
+                pass
+    if processor and not any(any(directory.glob(pattern)) for pattern in TOKENIZER_VOCABULARIES):
+        raise FileNotFoundError(
+            f"The {what} {directory} has no tokenizer: none of {', '.join(TOKENIZER_VOCABULARIES)} is there. Copy "
+            "the tokenizer files from the model it was made from (or save its processor there with "
+            "`processor.save_pretrained`), or download the checkpoint again."
+        )
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files a load reads: the index's shards (each must exist), or the single file(s)."""
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        return [directory / name for name in _index_shards(index)]
+    single = [directory / "model.safetensors", directory / "adapter_model.safetensors"]
+    return [path for path in single if path.is_file()]
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index lists; an error naming the index if it has no weight_map or a shard is missing."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no weight_map; the file may be truncated: download it again.")
+    names = sorted(set(weight_map.values()))
+    missing = [name for name in names if not (index.parent / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{index} lists {missing} but they are not in {index.parent}; the download or copy is incomplete: "
+            "download them again."
+        )
+    return names
 
 
 class TensorSource:
@@ -105,11 +204,7 @@ class TensorSource:
         index = self.directory / index_name
         if not index.is_file():
             return found
-        names = sorted(set(read_json(index)["weight_map"].values()))
-        missing = [name for name in names if not (self.directory / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists {missing} but they are not in {self.directory}; download them.")
-        return [self.directory / name for name in names]
+        return [self.directory / name for name in _index_shards(index)]
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -146,6 +241,12 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as error:
+        with path.open("rb") as file:
+            if file.read(len(LFS_POINTER)) == LFS_POINTER:
+                raise ValueError(
+                    f"{path} is a Git LFS pointer, not the weights: the repository was cloned without git-lfs. Run "
+                    "`git lfs pull` in it, or download it with `hf download`."
+                ) from None
         raise ValueError(
             f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); it is probably truncated "
             "by an interrupted download or copy: download it again."
@@ -243,16 +344,22 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     """Yield a temporary sibling of `out_dir` to fill; rename it to `out_dir` only if the block completes.
 
     A failure or Ctrl-C removes the temporary directory and leaves `out_dir` as it was. An existing `out_dir` is
-    refused unless `overwrite=True`, in which case it is replaced only after the new one is complete.
+    refused unless `overwrite=True`, in which case it is replaced only after the new one is complete. A process
+    killed outright (SIGKILL, the OOM killer) leaves `out_dir` absent, as it was, or complete and new, plus a
+    `.NAME.PID.XXXX.partial` or `.old` sibling that the next call for the same `out_dir` tidies away:
+
+        .out.PID.XXXX.partial/  --filled, then renamed-->  out/
+        out/ (overwrite)        --renamed first-->         .out.PID.XXXX.old/old  --> removing --> deleted
     """
     out_dir = Path(out_dir).expanduser().absolute()
     check_output_free(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    prefix = f".{out_dir.name}.{os.getpid()}."  # the PID tells a later run whether the writer is still alive
+    tmp_dir = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=out_dir.parent))
     try:
         yield tmp_dir
         if out_dir.exists():  # overwrite: move the old one aside first so there is never a half-written out_dir
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            old_dir = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=out_dir.parent))
             try:
                 os.replace(out_dir, old_dir / "old")
             except BaseException:
@@ -264,6 +371,9 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
                 os.replace(old_dir / "old", out_dir)  # put the original back before reporting the failure
                 old_dir.rmdir()
                 raise
+            # `old` is only ever a complete out_dir, which clean_interrupted_writes may put back: rename it before
+            # deleting it file by file
+            os.replace(old_dir / "old", old_dir / "removing")
             shutil.rmtree(old_dir, ignore_errors=True)
         else:
             os.replace(tmp_dir, out_dir)
@@ -273,16 +383,73 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
 
 
 def check_output_free(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing output directory (before any heavy work) unless overwriting was asked for."""
+    """Refuse an existing output directory (before any heavy work) unless overwriting was asked for.
+
+    What a killed earlier run left beside `out_dir` is tidied first (`clean_interrupted_writes`), which may put a
+    moved-aside `out_dir` back.
+    """
+    clean_interrupted_writes(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose another output directory or pass --overwrite.")
+
+
+def clean_interrupted_writes(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings that killed runs left beside `out_dir`, putting back an `out_dir` moved aside.
+
+    Only `.NAME.PID.XXXX.partial` and `.NAME.PID.XXXX.old` directories (see `atomic_directory`) whose process PID no
+    longer runs on this machine are touched, so a run writing the same `out_dir` at this moment keeps its own. A
+    `.partial` directory is always incomplete and is deleted. An `.old` directory still holding `old` kept the previous
+    `out_dir` while an overwrite was killed between its two renames: with `out_dir` missing, `old` is renamed back.
+
+    Args:
+        out_dir (`str` or `os.PathLike`): the output directory about to be written.
+
+    Returns:
+        `list[Path]`: the stale directories found, each also logged as a warning.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)\.[^.]+\.(partial|old)")
+    try:
+        siblings = list(out_dir.parent.iterdir())
+    except OSError:  # no parent yet, or unreadable: nothing of ours can be there
+        return []
+    stale = [path for path in siblings
+             if (match := pattern.fullmatch(path.name)) and path.is_dir() and not _process_running(int(match[1]))]
+    stale.sort(key=lambda path: path.suffix != ".old")  # .old first: out_dir is back before anything is deleted
+    for path in stale:
+        pid = pattern.fullmatch(path.name)[1]
+        if path.suffix == ".old" and (path / "old").is_dir() and not out_dir.exists():
+            os.replace(path / "old", out_dir)
+            logger.warning(f"Put {out_dir} back from {path}: a run replacing it (process {pid}) was killed midway.")
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            logger.warning(f"{path} was left by a killed llava-ext run (process {pid}) and could not be removed; "
+                           "delete it by hand.")
+        else:
+            logger.warning(f"Removed {path}, left by a llava-ext run (process {pid}) killed while writing {out_dir}.")
+    return stale
+
+
+def _process_running(pid: int) -> bool:
+    """Whether `pid` is a live (or unreaped) process here; on Windows always, where `os.kill(pid, 0)` would signal."""
+    if os.name == "nt" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
 
 
 __all__ = [
     "PlannedTensor",
     "TensorSource",
     "atomic_directory",
+    "check_checkpoint_files",
     "check_output_free",
+    "clean_interrupted_writes",
     "read_json",
     "resolve_source",
     "write_sharded_safetensors",

@@ -32,7 +32,7 @@ from ..compat import custom_object_save
 from ..image_processing_llava_ext import LlavaExtImageProcessor
 from ..modeling_llava_ext import AUTO_MAP
 from ..processing_llava_ext import LlavaExtProcessor
-from .io import atomic_directory, check_output_free, read_json, resolve_source
+from .io import atomic_directory, check_output_free, clean_interrupted_writes, read_json, resolve_source
 
 logger = logging.get_logger(__name__)
 
@@ -89,6 +89,8 @@ def refresh_checkpoint_code(
     `out_dir` gets copies, so later writes to either checkpoint never reach the other.
     """
     local = Path(checkpoint).expanduser()
+    if not local.is_dir() and local.parent.is_dir():
+        clean_interrupted_writes(local)  # an in-place refresh killed between its renames: put the checkpoint back
     target = Path(out_dir).expanduser().absolute() if out_dir is not None else None
     if local.is_dir() and (target is None or target.resolve() == local.resolve()):  # in place
         src_dir = local.resolve()  # a symlinked checkpoint: refresh the directory it points to, keep the link
