@@ -233,3 +233,75 @@ def test_image_assistant_masks_are_refused_where_transformers_would_misalign_the
     monkeypatch.delattr(ProcessorMixin, "_adjust_assistant_masks_indices", raising=False)  # as transformers 5.17
     with pytest.raises(ValueError, match="misaligns the mask after image-token expansion"):
         processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(patch_size=0), r"patch_size=0 is not a positive int; pass the tower's config.vision_config.patch_size"),
+        (dict(vision_feature_select_strategy="cls"), r"vision_feature_select_strategy='cls' is not one of 'default'"),
+        (dict(num_additional_image_tokens=-1), r"num_additional_image_tokens=-1 is not an int >= 0"),
+    ],
+)
+def test_tower_settings_are_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LlavaExtProcessor(LlavaExtImageProcessor(**SETTINGS), build_tiny_tokenizer(), **{**CLIP, **kwargs})
+
+
+def test_a_crop_smaller_than_a_patch_is_named_instead_of_dropping_the_image_tokens():
+    # (32 // 64)^2 patches + 0 - 1: the '<image>' marker used to vanish from the text without a word
+    processor = LlavaExtProcessor(LlavaExtImageProcessor(**SETTINGS), build_tiny_tokenizer(), patch_size=64,
+                                  vision_feature_select_strategy="default")
+    with pytest.raises(ValueError, match=r"A 32x32 image gives -1 image tokens with patch_size=64, "
+                                         r"num_additional_image_tokens=0 .* Raise crop_size"):
+        processor(images=image(0), text="<image>Hi")
+
+
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        ([], ValueError, r"text is an empty list; pass a string or a non-empty list of strings"),
+        (["<image>", 7], TypeError, r"text\[1\] has type int, not str"),
+        (123, TypeError, r"text has type int; pass a string or a list of strings"),
+    ],
+)
+def test_text_that_is_not_strings_is_named(text, error, message):
+    ours, _ = processors()
+    with pytest.raises(error, match=message):
+        ours(images=[image(0)], text=text)
+
+
+def test_per_sample_image_lists_must_match_each_samples_markers():
+    ours, _ = processors()
+    # totals agree (2 and 2) but sample 0's second image would be spliced into sample 1's marker
+    with pytest.raises(ValueError, match=r"Sample 0 has 2 '<image>' markers but its image list has 1 images "
+                                         r"\(markers per sample: \[2, 0\], images per sample: \[1, 1\]\)"):
+        ours(images=[[image(0)], [image(1)]], text=["<image><image>", "no image"], padding=True)
+    with pytest.raises(ValueError, match=r"images has 3 per-sample lists but the text has 2 samples"):
+        ours(images=[[image(0)], [image(1)], []], text=["<image>", "<image>"], padding=True)
+
+
+def test_empty_image_lists_are_a_text_only_batch():
+    ours, _ = processors()
+    for images in ([], [[], []]):
+        out = ours(images=images, text=["Hi", "Yo"], padding=True, return_tensors="pt")
+        assert "pixel_values" not in out and out["input_ids"].shape == (2, 3)
+
+
+def test_a_grey_2d_array_is_one_image():
+    ours, _ = processors()
+    out = ours(images=np.full((20, 30), 128, np.uint8), text="<image>x", return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    assert (out["input_ids"] == IMAGE_TOKEN_ID).sum() == 16
+
+
+def test_a_4d_array_is_a_batch_of_images_wherever_it_stands():
+    ours, _ = processors()
+    stacked = np.stack([np.asarray(image(0, 32, 32)), np.asarray(image(1, 32, 32))])  # (2, 32, 32, 3)
+    out = ours(images=stacked, text="<image><image>", return_tensors="pt")
+    assert out["pixel_values"].shape == (2, 3, 32, 32) and (out["input_ids"] == IMAGE_TOKEN_ID).sum() == 32
+    out = ours(images=[[stacked], [image(2)]], text=["<image><image>", "<image>"], padding=True, return_tensors="pt")
+    assert out["pixel_values"].shape == (3, 3, 32, 32)
+    assert (out["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == [32, 16]
+    with pytest.raises(ValueError, match=r"Sample 0 has 1 '<image>' markers but its image list has 2 images"):
+        ours(images=[[stacked], []], text=["<image>", "<image>"], padding=True)

@@ -7,14 +7,24 @@ Two interchangeable backends, picked per call or per instance with `image_backen
             [pad to square] -> interpolate(bicubic, antialias) -> center crop -> fused rescale+normalize
             (torch's antialiased bicubic is Pillow's filter, so it agrees with "pil" to about one grey level)
 
-Both backends check their inputs first: a missing file, an unreadable image or an empty (zero-sized) image raises a
-`ValueError` naming the image's position in the flattened batch and its path. This file is copied next to checkpoints
-for `trust_remote_code`: it imports only torch, names exported by the top-level `transformers` package and the standard
-library (PIL and NumPy come with transformers' vision extras), so it keeps working on transformers releases newer than
-the one it was saved with.
+Both backends check every image before processing any, and read it the same way on every transformers release:
+
+    PIL image       any mode PIL converts to RGB (L, LA, P, RGBA, CMYK, I;16, I, F, 1...; an animated GIF's current
+                    frame), composited onto white where it has transparency (as transformers >= 5.2x does)
+    array / tensor  (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4 (the first axis wins when both could be C);
+                    1 channel is grey, 4 are RGBA composited onto white; a 4-D array or tensor is a batch of images
+                    uint8 as is; bool as black/white (like PIL mode "1"); other integers and floats must hold
+                    0..255 pixel values (floats are rounded; with do_rescale=False floats are left as they are)
+
+Anything else raises a `ValueError` / `TypeError` naming the image's position in the flattened batch (and its path,
+mode, dtype or shape) and the fix: a missing file, an unreadable or empty image, an unknown layout or dtype, NaN or
+out-of-range pixels, [0, 1] floats with do_rescale=True, a nesting deeper than one list per sample, no images at all.
+
+This file is copied next to checkpoints for `trust_remote_code`: it imports only torch, names exported by the
+top-level `transformers` package and the standard library (PIL and NumPy come with transformers' vision extras), so it
+keeps working on transformers releases newer than the one it was saved with.
 """
 
-import itertools
 import os
 from collections import defaultdict
 from typing import Literal
@@ -36,35 +46,73 @@ class LlavaExtImagesKwargs(ImagesKwargs, total=False):
     image_backend: Literal["pil", "torch"] | None
 
 
+CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA: what an array's first or last axis must hold to be its channels
+_RGB_MODES: dict[str, bool] = {}  # PIL mode -> whether PIL converts it to RGB, probed once per mode
+
+
 def _is_valid_image(image) -> bool:
     """transformers' `is_valid_image` (not a top-level export): a PIL image, NumPy array or torch tensor."""
     return isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor))
 
 
-def _is_valid_list_of_images(images) -> bool:
-    """transformers' `is_valid_list_of_images` (not a top-level export): a non-empty list of images."""
-    return bool(images) and all(_is_valid_image(image) for image in images)
+def _is_batch(image) -> bool:
+    """A 4-D array or tensor: a batch of images along its first axis."""
+    return isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4
+
+
+def _describe_image(image) -> str:
+    """'a 20x12 PIL image in mode 'La'', 'a float32 array of shape (12, 20, 3)': an image as error messages name it."""
+    if isinstance(image, PIL.Image.Image):
+        return f"a {image.width}x{image.height} PIL image in mode {image.mode!r}"
+    if isinstance(image, np.ndarray):
+        return f"{'an' if image.dtype.name[0] in 'aeio' else 'a'} {image.dtype} array of shape {image.shape}"
+    if isinstance(image, torch.Tensor):
+        return f"a {image.dtype} tensor of shape {tuple(image.shape)}"
+    if isinstance(image, str):
+        return repr(_describe(image, limit=40))
+    return f"a {type(image).__name__}"
+
+
+def _describe_structure(images, depth: int = 0) -> str:
+    """The nesting of an `images` argument with its leaves named, e.g. '[[a 20x12 PIL image in mode 'RGB']]'."""
+    if not isinstance(images, (list, tuple)):
+        return _describe_image(images)
+    if depth == 3:
+        return "[...]"
+    shown = ", ".join(_describe_structure(item, depth + 1) for item in images[:3])
+    return f"[{shown}{', ...' if len(images) > 3 else ''}]"
 
 
 def _make_flat_list_of_images(images) -> list:
-    """transformers' `make_flat_list_of_images` for 3-dim images (not a top-level export): same rules, same error."""
-    if (
-        isinstance(images, (list, tuple))
-        and all(isinstance(sample, (list, tuple)) for sample in images)
-        and all(_is_valid_list_of_images(sample) or not sample for sample in images)
-    ):
-        return [image for sample in images for image in sample]
-    if isinstance(images, (list, tuple)) and _is_valid_list_of_images(images):
-        if isinstance(images[0], PIL.Image.Image) or images[0].ndim == 3:
-            return images
-        if images[0].ndim == 4:
-            return [image for batch in images for image in batch]
-    if _is_valid_image(images):
-        if isinstance(images, PIL.Image.Image) or images.ndim == 3:
-            return [images]
-        if images.ndim == 4:
-            return list(images)
-    raise ValueError(f"Could not make a flat list of images from {images}")
+    """One image, a list of images, or one list of images per sample -> a flat list; 4-D arrays/tensors are batches.
+
+    transformers' `make_flat_list_of_images` (not a top-level export) with named errors; paths count as one image.
+    """
+    if not isinstance(images, (list, tuple)):
+        return list(images) if _is_batch(images) else [images]
+    nested = [isinstance(item, (list, tuple)) for item in images]
+    if any(nested) and not all(nested):
+        raise ValueError(
+            f"images mixes images and lists at the top level ({_describe_structure(images)}); pass a list of images, "
+            "or a list with one list of images per sample."
+        )
+    flat = []
+    for sample in images if any(nested) else [images]:
+        for image in sample:
+            if isinstance(image, (list, tuple)):
+                raise ValueError(
+                    f"images is nested more than two lists deep ({_describe_structure(images)}); pass a list of "
+                    "images, or a list with one list of images per sample."
+                )
+            flat.extend(list(image) if _is_batch(image) else [image])
+    return flat
+
+
+def _images_per_sample(images) -> list[int] | None:
+    """How many images each sample's list holds when `images` is one list per sample; None for a flat batch."""
+    if not (isinstance(images, (list, tuple)) and images and all(isinstance(s, (list, tuple)) for s in images)):
+        return None
+    return [len(_make_flat_list_of_images(list(sample))) for sample in images]
 
 
 def _describe(source: str, limit: int = 120) -> str:
@@ -78,14 +126,133 @@ def _is_empty(image) -> bool:
     return 0 in shape
 
 
+def _converts_to_rgb(mode: str) -> bool:
+    """Whether PIL converts `mode` to RGB and RGBA (the route for transparent images); 'La', for one, it does not."""
+    if mode not in _RGB_MODES:
+        probe = PIL.Image.new(mode, (1, 1))
+        try:
+            probe.convert("RGB"), probe.convert("RGBA")
+            _RGB_MODES[mode] = True
+        except ValueError:  # PIL's "conversion from La to L not supported"
+            _RGB_MODES[mode] = False
+    return _RGB_MODES[mode]
+
+
+def _check_pil_image(index: int, image: PIL.Image.Image, do_convert_rgb: bool | None) -> None:
+    """Decode a PIL image now and check its mode, so a broken file or odd mode is named before any processing."""
+    try:
+        image.load()  # a lazily opened, truncated file fails here rather than inside a resize
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Image {index} ({_describe_image(image)}) could not be decoded ({type(error).__name__}: {error}); check "
+            "that the file is complete, or pass another image."
+        ) from error
+    if do_convert_rgb and not _converts_to_rgb(image.mode):
+        raise ValueError(
+            f"Image {index} is {_describe_image(image)}, which PIL cannot convert to RGB; convert it yourself first "
+            "(to 'RGB', 'RGBA', 'L' or 'LA')."
+        )
+
+
+def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array, whatever its device, autograd state or half-precision dtype."""
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
+    if tensor.dtype in (torch.bfloat16, torch.float16):  # NumPy has no bfloat16
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _to_pixels(index: int, image: np.ndarray, do_rescale: bool | None, description: str) -> np.ndarray:
+    """An array's values as uint8 pixels (0..255), or as they are for floats when do_rescale=False; checked."""
+    kind = image.dtype.kind
+    if image.dtype == np.uint8:
+        return image
+    if kind == "b":  # black and white, as PIL mode "1" converts to RGB
+        return image.astype(np.uint8) * 255
+    if kind in "iu":
+        low, high = image.min(), image.max()
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Image {index} is {description} with values in [{low}, {high}]; pixel values must lie in 0..255: "
+                "scale it to uint8 first (e.g. (image / image.max() * 255).astype(np.uint8))."
+            )
+        return image.astype(np.uint8)
+    if kind != "f":
+        raise TypeError(
+            f"Image {index} is {description}; pass uint8 pixels (or bool, integer or float values in 0..255)."
+        )
+    if not np.isfinite(image).all():
+        raise ValueError(f"Image {index} is {description} with NaN or infinite values; pass finite pixel values.")
+    if not do_rescale:
+        return image
+    low, high = float(image.min()), float(image.max())
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"Image {index} is {description} with values in [{low:g}, {high:g}]; with do_rescale=True pixel values "
+            "must lie in 0..255: clip or scale them first."
+        )
+    if high <= 1 and not np.array_equal(image, np.round(image)):
+        raise ValueError(
+            f"Image {index} is {description} with values in [{low:g}, {high:g}], but do_rescale=True reads pixels on "
+            "the 0..255 scale (it would come out black); multiply it by 255, or pass do_rescale=False."
+        )
+    return np.round(image).astype(np.uint8)
+
+
+def _standardize_image(
+    index: int, image, do_convert_rgb: bool | None, do_rescale: bool | None, input_data_format: str | None
+) -> tuple:
+    """Check one image; bring an array or tensor to (height, width, 3) pixels, which every transformers release reads
+    alike (5.17 neither expands grey arrays nor composites RGBA ones). Returns the image and its data format."""
+    if isinstance(image, PIL.Image.Image):
+        _check_pil_image(index, image, do_convert_rgb)
+        return image, input_data_format
+    description = _describe_image(image)
+    if isinstance(image, torch.Tensor):
+        image = _tensor_to_numpy(image)
+    if image.ndim == 2:
+        image = image[..., None]  # (height, width, 1): one grey image
+    elif image.ndim != 3:
+        raise ValueError(
+            f"Image {index} is {description}; an image is (height, width), (height, width, channels) or "
+            "(channels, height, width); pass several as a list or a 4-D array."
+        )
+    elif input_data_format is not None:  # the caller says where the channels are ("channels_first" / "channels_last")
+        image = np.moveaxis(image, 0, -1) if input_data_format == "channels_first" else image
+    elif image.shape[0] in CHANNEL_COUNTS:  # transformers' rule: the first axis wins when both could be channels
+        image = np.moveaxis(image, 0, -1)
+    elif image.shape[-1] not in CHANNEL_COUNTS:
+        raise ValueError(
+            f"Image {index} is {description}: neither its first nor its last axis has 1, 3 or 4 channels; "
+            "pass (height, width), (height, width, C) or (C, height, width) with C in 1 (grey), 3 (RGB) or 4 (RGBA)."
+        )
+    image = _to_pixels(index, image, do_rescale, description)  # (height, width, channels)
+    if do_convert_rgb:
+        if image.shape[-1] not in CHANNEL_COUNTS:
+            raise ValueError(
+                f"Image {index} is {description} (channels last, as input_data_format says); RGB conversion "
+                "needs 1, 3 or 4 channels."
+            )
+        if image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        elif image.shape[-1] == 4:  # onto white, with transformers 5.2x's arithmetic
+            white = 255 if image.dtype == np.uint8 else 1.0
+            alpha = image[..., 3:4] / white
+            composite = alpha * image[..., :3] + (1 - alpha) * white
+            image = np.round(composite).astype(image.dtype) if white == 255 else composite.astype(image.dtype)
+    return image, "channels_last"
+
+
 class LlavaExtImageProcessor(LlavaImageProcessorPil):
     r"""
     LLaVA image processor: RGB conversion -> optional pad to square with the mean colour (LLaVA's `expand2square`,
     `do_pad=True`) -> resize shortest edge -> center crop -> rescale -> normalize. Defaults and outputs are those of
     transformers' [`LlavaImageProcessorPil`] (and of [`CLIPImageProcessor`] with `do_pad=False`).
 
-    Images may be PIL images, NumPy arrays or torch tensors (channels first or last), file paths, http(s) URLs or
-    base64 strings, a single image, a list, or a list of lists (one list per sample).
+    Images may be PIL images, NumPy arrays or torch tensors ((H, W), channels first or last; the module docstring lists
+    the modes and dtypes read), file paths, http(s) URLs or base64 strings: a single image, a list, or a list of lists
+    (one list per sample). Every image is checked before any is processed; a bad one raises a `ValueError` or
+    `TypeError` naming its position in the flattened batch.
 
     Args:
         image_backend (`Literal["pil", "torch"]`, *optional*, defaults to `"pil"`):
@@ -101,17 +268,19 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
 
     def fetch_images(self, image_url_or_urls):
         """Load every path/URL/base64 string in a (nested) list of images; keeps the nesting and in-memory images."""
-        position = itertools.count()  # flat index across the batch, the one error messages quote
+        position = 0  # flat index across the batch (a 4-D array counts as its images), the one error messages quote
 
         def fetch(item):
+            nonlocal position
             if isinstance(item, (list, tuple)):
                 return [fetch(element) for element in item]
-            index = next(position)
+            index = position
+            position += len(item) if _is_batch(item) else 1
             if isinstance(item, str):
                 return self._load_image_source(item, index)
             if not _is_valid_image(item):
                 raise TypeError(
-                    f"Image {index} is a {type(item).__name__}; pass a PIL image, NumPy array, torch tensor, "
+                    f"Image {index} is {_describe_image(item)}; pass a PIL image, NumPy array, torch tensor, "
                     "file path or http(s) URL."
                 )
             return item
@@ -142,12 +311,33 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
         return image
 
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
-        images = super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+        images = _make_flat_list_of_images(self.fetch_images(images))
+        if not images:
+            raise ValueError(
+                "images holds no image (an empty list); pass at least one image (LlavaExtProcessor treats an empty "
+                "list as no images)."
+            )
         for index, image in enumerate(images):
             if _is_empty(image):
                 shape = image.size if isinstance(image, PIL.Image.Image) else tuple(image.shape)
                 raise ValueError(f"Image {index} is empty (shape {shape}); pass a non-empty image.")
         return images
+
+    def _prepare_image_like_inputs(self, images, *args, expected_ndims: int = 3, **kwargs) -> list:
+        """Flatten the batch, check and standardize every image (see the module docstring), then `process_image` each.
+
+        All images are checked before any is processed, so a bad one is named before the heavy work starts.
+        """
+        images = self._prepare_images_structure(images, expected_ndims=expected_ndims)
+        do_convert_rgb, do_rescale = kwargs.get("do_convert_rgb"), kwargs.get("do_rescale")
+        standardized = [
+            _standardize_image(index, image, do_convert_rgb, do_rescale, kwargs.get("input_data_format"))
+            for index, image in enumerate(images)
+        ]
+        return [
+            self.process_image(image, *args, **{**kwargs, "input_data_format": data_format})
+            for image, data_format in standardized
+        ]
 
     def _preprocess_image_like_inputs(self, images, *args, image_backend: str | None = None, **kwargs):
         image_backend = image_backend or "pil"

@@ -3,8 +3,9 @@
     text "USER: <image>\\nWhat is it? ASSISTANT:"  +  images [img]
       |  check: '<image>' markers == images, patch_size known        (before any image is decoded)
       v
-    image processor -> pixel_values (num_images, 3, crop, crop)
+    image processor -> pixel_values (num_images, 3, crop, crop)     (each image checked first, errors name it)
       |  each '<image>' -> (crop // patch_size)^2 + num_additional_image_tokens - (strategy == "default") copies
+      |  check: at least one token per image, one image list per sample with as many images as its markers
       v
     tokenizer -> input_ids, attention_mask
       |  check: every expanded image token survived truncation (else: raise max_length)
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from transformers import LlavaProcessor, ProcessorMixin
 
-from .image_processing_llava_ext import _make_flat_list_of_images
+from .image_processing_llava_ext import _images_per_sample, _make_flat_list_of_images
 
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 CHAT_TEMPLATE_NAMES = ("llava-1.5", "mistral", "chatml", "llama-3")
@@ -63,6 +64,29 @@ def _has_image(conversation: list) -> bool:
         if not isinstance(message["content"], str)
         for part in message["content"]
     )
+
+
+def _check_text(text) -> None:
+    """`text` is None, a string or a non-empty list of strings; anything else raises naming what it is."""
+    if text is None or isinstance(text, str):
+        return
+    if not isinstance(text, (list, tuple)):
+        raise TypeError(f"text has type {type(text).__name__}; pass a string or a list of strings (one per sample).")
+    if not text:
+        raise ValueError("text is an empty list; pass a string or a non-empty list of strings (one per sample).")
+    for index, sample in enumerate(text):
+        if not isinstance(sample, str):
+            raise TypeError(
+                f"text[{index}] has type {type(sample).__name__}, not str; pass a string or a list of strings (one "
+                "per sample)."
+            )
+
+
+def _size_of(size) -> tuple[int, int] | None:
+    """(height, width) of a `{"height", "width"}` dict or transformers `SizeDict`; None for other size rules."""
+    height = getattr(size, "height", None) or (size.get("height") if isinstance(size, dict) else None)
+    width = getattr(size, "width", None) or (size.get("width") if isinstance(size, dict) else None)
+    return (height, width) if height and width else None
 
 
 def image_assistant_masks_supported() -> bool:
@@ -112,6 +136,21 @@ class LlavaExtProcessor(LlavaProcessor):
         num_additional_image_tokens: int = 0,
         **kwargs,
     ):
+        if patch_size is not None and not (isinstance(patch_size, int) and patch_size > 0):
+            raise ValueError(
+                f"patch_size={patch_size!r} is not a positive int; pass the tower's config.vision_config.patch_size "
+                "(14 for CLIP ViT-L/14), or None."
+            )
+        if vision_feature_select_strategy not in (None, "default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy={vision_feature_select_strategy!r} is not one of 'default' (drop the "
+                "CLS feature), 'full' (keep it) or None; pass config.vision_feature_select_strategy."
+            )
+        if not (isinstance(num_additional_image_tokens, int) and num_additional_image_tokens >= 0):
+            raise ValueError(
+                f"num_additional_image_tokens={num_additional_image_tokens!r} is not an int >= 0; pass 1 for CLIP "
+                "towers (their CLS token), 0 for SigLIP."
+            )
         super().__init__(
             image_processor,
             tokenizer,
@@ -137,9 +176,19 @@ class LlavaExtProcessor(LlavaProcessor):
             )
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        _check_text(text)
+        images, text, videos, audio = super().prepare_inputs_layout(
+            images=images, text=text, videos=videos, audio=audio, **kwargs
+        )
+        if images is not None and not _make_flat_list_of_images(images):
+            images = None  # [] or one empty list per sample: a text-only batch, not an image processor error
+        return images, text, videos, audio
+
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        if text is not None and (images is not None or self.image_token in str(text)):
-            samples = [text] if isinstance(text, str) else text
+        _check_text(text)
+        samples = [text] if isinstance(text, str) else text
+        if text is not None and (images is not None or any(self.image_token in sample for sample in samples)):
             markers = [sample.count(self.image_token) for sample in samples]
             num_images = 0 if images is None else len(_make_flat_list_of_images(images))
             if sum(markers) != num_images:
@@ -148,12 +197,63 @@ class LlavaExtProcessor(LlavaProcessor):
                     f"{num_images} images were given; put one '{self.image_token}' in the text per image, in order "
                     "(or let apply_chat_template place them)."
                 )
+            per_sample = _images_per_sample(images)
+            if per_sample is not None and len(per_sample) != len(markers):
+                raise ValueError(
+                    f"images has {len(per_sample)} per-sample lists but the text has {len(markers)} samples; pass one "
+                    "list of images per sample (an empty one for a sample without images), or a flat list."
+                )
+            if per_sample is not None and per_sample != markers:
+                sample = next(index for index, (m, n) in enumerate(zip(markers, per_sample)) if m != n)
+                raise ValueError(
+                    f"Sample {sample} has {markers[sample]} '{self.image_token}' markers but its image list has "
+                    f"{per_sample[sample]} images (markers per sample: {markers}, images per sample: {per_sample}); "
+                    "give each sample the list of its own images, in the order of its markers."
+                )
             if num_images and self.patch_size is None:
                 raise ValueError(
                     "patch_size is None, so the number of tokens per image is unknown; pass "
                     "patch_size=config.vision_config.patch_size (and num_additional_image_tokens=1 for CLIP towers)."
                 )
+        # transformers' own count (5.2x) gets the flat list as (channels, height, width) images: it takes neither
+        # mixed nesting, nested 4-D batches nor (height, width) grey arrays, all of which are settled above
+        if images is not None:
+            flat = _make_flat_list_of_images(images)
+            images = [image[None] if getattr(image, "ndim", 0) == 2 else image for image in flat]
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _tokens_per_image(self, height: int, width: int) -> int:
+        """Image tokens one `height` x `width` image (as processed) expands to; raises if that is less than one.
+
+        The rule of `llava_ext.vision.num_image_features`: one per patch, plus the tower's additional (CLS) tokens,
+        minus one for the "default" strategy.
+        """
+        num_tokens = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
+        num_tokens -= int(self.vision_feature_select_strategy == "default")
+        if num_tokens < 1:
+            raise ValueError(
+                f"A {height}x{width} image gives {num_tokens} image tokens with patch_size={self.patch_size}, "
+                f"num_additional_image_tokens={self.num_additional_image_tokens} and vision_feature_select_strategy="
+                f"{self.vision_feature_select_strategy!r}: the image must span at least one patch. Raise crop_size to "
+                "the tower's image_size, or check patch_size."
+            )
+        return num_tokens
+
+    def _process_images(self, images, **kwargs):
+        images = _make_flat_list_of_images(images)
+        crop = _size_of(kwargs.get("crop_size") or getattr(self.image_processor, "crop_size", None))
+        do_center_crop = kwargs.get("do_center_crop")
+        if do_center_crop is None:
+            do_center_crop = getattr(self.image_processor, "do_center_crop", False)
+        if crop and do_center_crop:
+            self._tokens_per_image(*crop)  # a crop smaller than a patch fails here, before any image is processed
+        processed = self.image_processor(images, **kwargs)
+        replacements = [self.replace_image_token(processed, image_idx=index) for index in range(len(images))]
+        return processed, replacements
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        height, width = image_inputs["pixel_values"][image_idx].shape[-2:]  # (channels, height, width)
+        return self.image_token * self._tokens_per_image(height, width)
 
     def _check_special_mm_tokens(self, text, text_inputs, modalities):
         try:
