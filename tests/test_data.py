@@ -5,15 +5,18 @@ format puts after it) by character offset, expand `<image>` by hand and map char
 """
 
 import json
+import re
 import string
+import warnings
 
 import pytest
 from conftest import (
     BOS_ID, IMAGE_TOKEN_ID, NUM_PATCHES, PAD_ID, build_tiny_tokenizer, needs_image_assistant_masks,
 )
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from llava_ext.data import LlavaConversationDataset, LlavaExtDataCollator, SampleError
+from llava_ext.data import LlavaConversationDataset, LlavaExtDataCollator, SampleError, skip_summary
 from llava_ext.image_processing_llava_ext import LlavaExtImageProcessor
 from llava_ext.processing_llava_ext import LlavaExtProcessor
 
@@ -161,15 +164,16 @@ def test_dataset_formats_lazy_images_and_named_errors(tmp_path, fmt):
     assert first["messages"][0]["content"][1] == {"type": "text", "text": "What color?"}
     assert first["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "green"}]}
     assert dataset[1]["messages"][0]["content"] == [{"type": "text", "text": "Hi"}]
-    with pytest.raises(SampleError, match=r"Sample 's3'.*missing\.png.*on_bad_sample='skip'"):
+    with pytest.raises(SampleError, match=r"Record 2 \(id 's3'\): cannot read image .*missing\.png.*'skip' to leave"):
         dataset[2]
 
     skipping = LlavaConversationDataset(path, image_folder=tmp_path / "imgs", on_bad_sample="skip")
-    with pytest.warns(UserWarning, match="Skipping a sample: Sample 's3'"):
+    with pytest.warns(UserWarning, match=r"Skipping a sample: Record 2 \(id 's3'\)"):
         items = [skipping[i] for i in range(3)]
     assert items[2] is None
     batch = LlavaExtDataCollator(make_processor())(items)
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 1
+    assert [(sample.index, sample.id) for sample in skipping.skipped_samples()] == [(2, "s3")]
 
 
 def test_unreadable_image_and_placeholder_mismatch_are_named(tmp_path):
@@ -177,12 +181,12 @@ def test_unreadable_image_and_placeholder_mismatch_are_named(tmp_path):
     records = [{"id": "broken", "image": "bad.png", "conversations": [
         {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}]
     (tmp_path / "d.json").write_text(json.dumps(records))
-    with pytest.raises(SampleError, match="Sample 'broken': cannot read image"):
+    with pytest.raises(SampleError, match=r"Record 0 \(id 'broken'\): cannot read image .*UnidentifiedImageError"):
         LlavaConversationDataset(tmp_path / "d.json")[0]
 
     records[0]["conversations"][0]["value"] = "no placeholder"
     (tmp_path / "d.json").write_text(json.dumps(records))
-    with pytest.raises(SampleError, match=r"'broken' lists 1 image\(s\) but its text has 0 '<image>'"):
+    with pytest.raises(SampleError, match=r"Record 0 \(id 'broken'\) lists 1 image\(s\) but its text has 0 '<image>'"):
         LlavaConversationDataset(tmp_path / "d.json")
 
 
@@ -190,3 +194,125 @@ def test_lengths_estimate_orders_by_size(tmp_path):
     path = write_data(tmp_path, "llava")
     lengths = LlavaConversationDataset(path, tokens_per_image=16).lengths
     assert lengths == [2 + 1 + 16, 1 + 1, 1 + 1 + 16]  # words + tokens_per_image per image
+
+
+def llava_record(sample_id, image=None, question="<image>\nWhat?"):
+    record = {"id": sample_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "x"}]}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+@pytest.mark.parametrize("written", ["../outside.png", "ABSOLUTE", "sub/../../outside.png", "sub/../inside.png"])
+def test_image_paths_leaving_image_folder_are_refused_unless_allowed(tmp_path, written):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    image().save(tmp_path / "outside.png")
+    image().save(folder / "inside.png")
+    written = str(tmp_path / "outside.png") if written == "ABSOLUTE" else written  # /etc/passwd-style
+    records = [llava_record("ok", "inside.png"), llava_record("bad", written), llava_record("bad2", written)]
+    (folder / "d.json").write_text(json.dumps(records))
+    message = (rf"Record 1 \(id 'bad'\) of .*d\.json' has image '{re.escape(written)}', which is outside "
+               r"image_folder=.* \(and 1 more image paths do\)\..*allow_images_outside_folder=True")
+    for on_bad_sample in ("raise", "skip"):  # a policy, not a bad sample: skipping would hide a whole misplaced set
+        with pytest.raises(ValueError, match=message):
+            LlavaConversationDataset(folder / "d.json", on_bad_sample=on_bad_sample)
+    trusting = LlavaConversationDataset(folder / "d.json", allow_images_outside_folder=True)
+    assert trusting[1]["messages"][0]["content"][0]["image"].size == (40, 36)
+
+
+def test_paths_inside_image_folder_and_symlinks_out_of_it_are_accepted(tmp_path):
+    """Absolute paths below the folder pass; a symlink the user put in the folder is followed (documented choice)."""
+    folder, elsewhere = tmp_path / "images", tmp_path / "mounted"
+    folder.mkdir()
+    elsewhere.mkdir()
+    image((0, 0, 255)).save(elsewhere / "a.png")
+    (folder / "coco").symlink_to(elsewhere, target_is_directory=True)
+    records = [llava_record("linked", "coco/a.png"), llava_record("absolute", str(folder / "coco" / "a.png"))]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    dataset = LlavaConversationDataset(tmp_path / "d.json", image_folder=folder)
+    assert [dataset[i]["messages"][0]["content"][0]["image"].getpixel((0, 0)) for i in range(2)] == [(0, 0, 255)] * 2
+
+
+MALFORMED = {
+    "not an object": (["x"], r"is \['x'\], not a JSON object"),
+    "no format": ({"id": "bad", "text": "hi"}, r"has keys \['id', 'text'\]; expected"),
+    "conversations a string": ({"id": "bad", "conversations": "hi"}, r"'conversations' is 'hi'; give a list"),
+    "turn without value": ({"id": "bad", "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]},
+                           r"a 'human' turn has value=None"),
+    "value not a string": ({"id": "bad", "conversations": [{"from": "human", "value": 3}]}, r"turn has value=3"),
+    "unknown speaker": ({"id": "bad", "conversations": [{"from": ["human"], "value": "q"}]},
+                        r"a turn has from=\['human'\]; the LLaVA format uses"),
+    "image not a path": (dict(llava_record("bad"), image=5), r"'image' is 5; give an image path"),
+    "unknown role": ({"id": "bad", "messages": [{"role": "bot", "content": "x"}]}, r"role='bot'; use one of"),
+    "bad content": ({"id": "bad", "messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]},
+                    r"a message's content is 7; give a string"),
+    "bad block": ({"id": "bad", "messages": [{"role": "user", "content": [{"type": "video"}]},
+                                             {"role": "assistant", "content": "x"}]}, r"content block .*'video'"),
+    "image in answer": ({"id": "bad", "images": ["a.png"], "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "<image>\nx"}]},
+        r"an? 'assistant' message holds an image"),
+    "no answer": ({"id": "bad", "conversations": [{"from": "human", "value": "q"}]}, r"has no assistant turn"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_record_stops_naming_it_or_is_skipped_and_counted(tmp_path, case):
+    record, reason = MALFORMED[case]
+    records = [llava_record("good", question="Hi"), record, llava_record("good2", question="Ho")]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    record_id = "1" if case == "not an object" else "bad"  # a record without an id is named by its position
+    with pytest.raises(SampleError, match=rf"^Record 1 \(id '{record_id}'\).*{reason}.*Fix the record in .*'skip'"):
+        LlavaConversationDataset(tmp_path / "d.json")
+
+    with pytest.warns(UserWarning, match=rf"Skipping malformed records .*skipped 1 of 3 samples: record 1 .*{reason}"):
+        dataset = LlavaConversationDataset(tmp_path / "d.json", on_bad_sample="skip")
+    assert [dataset[i]["id"] for i in range(len(dataset))] == ["good", "good2"]
+    (skipped,) = dataset.skipped_samples()
+    assert (skipped.index, skipped.id) == (1, record_id)
+    assert re.search(reason, skipped.reason) and not skipped.reason.startswith("Record")
+
+
+def test_nothing_usable_and_bad_json_are_named(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "a"}, {"id": "b"}]))
+    with pytest.raises(ValueError, match=r"has no usable sample \(2 records, skipped 2 of 2 samples: record 0"):
+        with pytest.warns(UserWarning, match="Skipping malformed records"):
+            LlavaConversationDataset(tmp_path / "d.json", on_bad_sample="skip")
+    (tmp_path / "d.jsonl").write_text(json.dumps(llava_record("a")) + "\n\n{'id': 'b'}\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl' line 3 is not valid JSON"):
+        LlavaConversationDataset(tmp_path / "d.jsonl")
+    (tmp_path / "e.json").write_text('[{"id": "a"},\n {"id": }]')
+    with pytest.raises(ValueError, match=r"e\.json' is not valid JSON \(Expecting value, line 2 column 9\)"):
+        LlavaConversationDataset(tmp_path / "e.json")
+
+
+def identity(items):
+    return items
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skips_in_dataloader_workers_are_counted_once_each(tmp_path, num_workers):
+    """Workers flag skips in shared memory: the main process counts each bad sample once, over two epochs."""
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    records = [llava_record(f"text{i}", question="Hi") for i in range(5)]
+    records.insert(1, llava_record("gone", "missing.png"))
+    records.insert(3, {"id": "malformed", "conversations": [{"from": "bot", "value": "x"}]})
+    records.insert(5, llava_record("unreadable", "broken.png"))
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    with pytest.warns(UserWarning, match="Skipping malformed records"):
+        dataset = LlavaConversationDataset(tmp_path / "d.json", on_bad_sample="skip")
+    collator = LlavaExtDataCollator(make_processor())
+    loader = DataLoader(dataset, batch_size=3, num_workers=num_workers, collate_fn=identity)
+    rows = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the per-sample warnings come from the workers
+        for _ in range(2):
+            for items in loader:
+                rows += collator(items)["input_ids"].shape[0]
+    assert rows == 2 * 5
+    skipped = dataset.skipped_samples()
+    assert [(sample.index, sample.id) for sample in skipped] == [(1, "gone"), (3, "malformed"), (5, "unreadable")]
+    assert "FileNotFoundError" in skipped[0].reason and "UnidentifiedImageError" in skipped[2].reason
+    summary = skip_summary(skipped, dataset.num_records, shown=2)
+    assert summary.startswith("skipped 3 of 8 samples: record 1 (id 'gone'): cannot read image ")
+    assert "; record 3 (id 'malformed'): a turn has from='bot'" in summary and summary.endswith("; and 1 more")

@@ -1,10 +1,13 @@
 """Trainer wiring: parity with transformers' LLaVA, what each recipe trains, checkpoints, LoRA merge, torchrun."""
 
 import json
+import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,11 @@ from test_data import SAMPLES, make_processor
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, TrainingArguments
 
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
-from llava_ext.data import LlavaExtDataCollator
-from llava_ext.train import LlavaExtTrainer, ModelArguments, freeze_parameters, merge_lora, parse_config, train
+from llava_ext import train as train_module
+from llava_ext.data import LlavaExtDataCollator, SampleError
+from llava_ext.train import (
+    LlavaExtTrainer, ModelArguments, build_trainer, freeze_parameters, merge_lora, parse_config, train,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAST = ["--bf16", "false", "--use_cpu", "true", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "2",
@@ -176,13 +182,16 @@ def test_torchrun_two_processes(workdir):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llava_ext.cli", "train",
         str(CONFIGS / "finetune.yaml"), "--model_name_or_path", str(workdir / "init"),
-        "--data_path", str(workdir / "data.json"), "--output_dir", str(output), *FAST, "--max_steps", "3",
+        "--data_path", str(with_missing_image(workdir)), "--output_dir", str(output), *FAST, "--max_steps", "3",
         "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "5", "--log_level", "info",
+        "--on_bad_sample", "skip",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in result.stdout + result.stderr
+    # each process reads its own shard; the flags are summed over both before rank 0 reports, each sample once
+    assert result.stderr.count("Train data (on_bad_sample='skip'): skipped 1 of 5 samples: record 1 (id 'gone')") == 1
     for folder in (output, output / "checkpoint-2"):
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
         assert type(model).__name__ == "LlavaExtForConditionalGeneration"
@@ -205,3 +214,113 @@ def test_tune_vision_layers_unfreezes_the_last_layers_the_features_read():
     assert not any(name.startswith("model.vision_tower.embeddings") for name in trainable)
     with pytest.raises(ValueError, match=r"tune_vision_layers=3 but the features are read after layer 2"):
         freeze_parameters(model, ModelArguments(model_name_or_path="unused", tune_vision_layers=3))
+
+
+def with_missing_image(workdir) -> Path:
+    """workdir's 4 samples plus record 1, 'gone', whose image does not exist."""
+    records = json.loads((workdir / "data.json").read_text())
+    records.insert(1, dict(records[0], id="gone", image="missing.png"))
+    (workdir / "missing.json").write_text(json.dumps(records))
+    return workdir / "missing.json"
+
+
+@needs_image_assistant_masks
+def test_bad_samples_stop_the_run_or_are_skipped_and_reported(workdir, caplog):
+    records = json.loads((with_missing_image(workdir)).read_text())
+    broken = [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]
+    records.insert(3, {"id": "broken", "conversations": broken})
+    (workdir / "bad.json").write_text(json.dumps(records))
+    output = workdir / "skipping"
+
+    def recipe(data, *extra):  # 2 steps of 3 cover the 5 usable samples; a batch never holds only bad ones
+        return parse_config(CONFIGS / "finetune.yaml", [
+            "--model_name_or_path", str(workdir / "init"), "--data_path", str(workdir / data), "--output_dir",
+            str(output), *FAST, "--per_device_train_batch_size", "3", "--max_steps", "2", "--save_strategy", "no",
+            "--dataloader_num_workers", "2", *extra])
+
+    with pytest.raises(SampleError, match=r"^Record 3 \(id 'broken'\): a turn has from='bot'.*on_bad_sample='skip'"):
+        build_trainer(*recipe("bad.json"))  # the default: a malformed record stops the run before the model loads
+    with pytest.raises(SampleError, match=r"Record 1 \(id 'gone'\): cannot read image .*missing\.png"):
+        train(*recipe("missing.json"))  # raised in a DataLoader worker, re-raised by the main process
+
+    shutil.rmtree(output, ignore_errors=True)
+    with caplog.at_level(logging.WARNING, logger="llava_ext.train"):
+        with pytest.warns(UserWarning, match=r"Skipping malformed records .*record 3 \(id 'broken'\)"):
+            result = train(*recipe("bad.json", "--on_bad_sample", "skip"))
+    assert result.global_step == 2 and result.metrics["train_skipped_samples"] == 2
+    assert ("Train data (on_bad_sample='skip'): skipped 2 of 6 samples: record 1 (id 'gone'): cannot read image "
+            f"{str(workdir / 'missing.png')!r} (FileNotFoundError") in caplog.text
+    assert "; record 3 (id 'broken'): a turn has from='bot'; the LLaVA format uses" in caplog.text
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["log_history"][-1]["train_skipped_samples"] == 2
+
+
+CPU_AS_IS = FAST[4:]  # without "--bf16 false --use_cpu true"
+assert FAST[:4] == ["--bf16", "false", "--use_cpu", "true"]
+
+
+def parse_caught(*overrides) -> tuple[TrainingArguments, list[str]]:
+    """finetune.yaml's TrainingArguments and every warning parse_config gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, training_args = parse_config(CONFIGS / "finetune.yaml", ["--data_path", "d.json", *overrides])
+    return training_args, [str(warning.message) for warning in caught]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_recipe_bf16_without_gpu_picks_the_cpu_precision_with_one_warning(monkeypatch, native):
+    monkeypatch.setattr(train_module, "_has_accelerator", lambda: False)
+    monkeypatch.setattr(train_module, "_cpu_has_native_bf16", lambda: native)
+    training_args, messages = parse_caught()
+    assert len(messages) == 1, messages
+    if native:
+        assert (training_args.bf16, training_args.use_cpu) == (True, True)
+        assert messages[0] == (
+            "bf16: true and no GPU was found: training on the CPU in bf16, which this CPU computes natively "
+            "(AVX512-BF16). Add --use_cpu true to silence this, or --bf16 false to train in fp32."
+        )
+    else:
+        assert (training_args.bf16, training_args.fp16, training_args.use_cpu) == (False, False, True)
+        assert messages[0] == (
+            "bf16: true but no GPU was found and this CPU has no native bf16 (AVX512-BF16), where bf16 is emulated "
+            "and slower than fp32: training on the CPU in fp32. Add --bf16 false to silence this."
+        )
+    # the flags the messages name silence them
+    training_args, messages = parse_caught("--use_cpu", "true") if native else parse_caught("--bf16", "false")
+    assert messages == [] and training_args.bf16 == native and training_args.use_cpu == native
+    if not native:  # use_cpu asked for on a CPU without bf16: fp32 too, and said why
+        training_args, messages = parse_caught("--use_cpu", "true")
+        assert not training_args.bf16 and len(messages) == 1 and messages[0].startswith("bf16: true but use_cpu is set")
+
+
+def test_bf16_on_gpus(monkeypatch):
+    """A GPU with bf16 keeps the recipe as is; CUDA without it (pre-Ampere) trains in fp16, with one warning."""
+    monkeypatch.setattr(train_module, "_has_accelerator", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    recipe = {"bf16": True, "fp16": False, "bf16_full_eval": False, "use_cpu": False}
+    for native, expected in ((True, (True, False)), (False, (False, True))):
+        monkeypatch.setattr(train_module, "_cuda_has_native_bf16", lambda: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            values = train_module._resolve_precision(dict(recipe))
+        assert (values["bf16"], values["fp16"], values["use_cpu"]) == (*expected, False)
+        assert len(caught) == (0 if native else 1)
+    assert "Add --bf16 false --fp16 true" in str(caught[0].message)
+
+
+@pytest.mark.skipif(train_module._has_accelerator(), reason="checks CPU-only machines; a GPU would train the recipe")
+@needs_image_assistant_masks
+@pytest.mark.parametrize("native", [True, False])
+def test_finetune_recipe_trains_on_a_cpu_without_extra_flags(workdir, monkeypatch, native):
+    """configs/finetune.yaml (bf16: true, checkpointing, length grouping) with no --bf16/--use_cpu, on this CPU."""
+    monkeypatch.setattr(train_module, "_cpu_has_native_bf16", lambda: native)
+    output = workdir / f"cpu-{native}"
+    with pytest.warns(UserWarning, match="training on the CPU in " + ("bf16" if native else "fp32")):
+        args = parse_config(CONFIGS / "finetune.yaml", [
+            "--model_name_or_path", str(workdir / "init"), "--data_path", str(workdir / "data.json"),
+            "--output_dir", str(output), *CPU_AS_IS, "--max_steps", "1", "--save_strategy", "no"])
+    trainer = build_trainer(*args)
+    assert trainer.accelerator.mixed_precision == ("bf16" if native else "no")
+    result = trainer.train()
+    assert result.global_step == 1 and math.isfinite(result.training_loss)
+    assert result.metrics["train_skipped_samples"] == 0

@@ -11,12 +11,18 @@ model keys keep the original LLaVA script's names) plus command-line overrides:
     LoRA    (finetune-lora.yaml)       vision tower frozen | projector trained | LoRA on the language model's linears
 
 The same command runs on one process, under `torchrun --nproc_per_node N` and under `accelerate launch`: `Trainer`
-reads the launcher's environment. Every checkpoint (mid-run `checkpoint-N` and the final one) holds the processor and,
-for full runs, the model code, so it loads with `AutoModelForImageTextToText.from_pretrained(path,
-trust_remote_code=True)`; LoRA runs save an adapter that includes the projector (`modules_to_save`).
+reads the launcher's environment. It also runs as is without a GPU: the recipes' `bf16: true` then trains on the CPU in
+bf16 where the CPU has it natively (AVX512-BF16), else in fp32, with one warning saying which.
+
+Every checkpoint (mid-run `checkpoint-N` and the final one) holds the processor and, for full runs, the model code, so
+it loads with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`; LoRA runs save an adapter
+that includes the projector (`modules_to_save`).
 """
 
 import argparse
+import importlib.util
+import inspect
+import logging
 import os
 import re
 import warnings
@@ -37,8 +43,11 @@ from transformers import (
 )
 
 from .compat import CHECKPOINTING_ARG, CHECKPOINTING_ARGS, LengthGroupedSampler, TrainOutput, get_last_checkpoint
-from .data import LlavaConversationDataset, LlavaExtDataCollator
+from .convert.io import atomic_directory, check_checkpoint_files, check_output_free
+from .data import LlavaConversationDataset, LlavaExtDataCollator, skip_summary
 from .vision import normalize_layer_indices
+
+logger = logging.getLogger(__name__)
 
 VERY_LARGE_MAX_LENGTH = 10**8  # tokenizers without a real limit report int(1e30)
 
@@ -86,7 +95,18 @@ class DataArguments:
         default=None, metadata={"help": "Longest training sequence in tokens; defaults to the tokenizer's limit."}
     )
     on_bad_sample: Literal["raise", "skip"] = field(
-        default="raise", metadata={"help": "A sample with a missing/unreadable image: raise, or skip with a warning."}
+        default="raise",
+        metadata={
+            "help": "A malformed record or one with a missing/unreadable image: raise naming it, or skip it with a "
+            "warning; skipped samples are counted and reported at the end of training."
+        },
+    )
+    allow_images_outside_folder: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept image paths outside image_folder ('../x.png', absolute paths elsewhere); only for a "
+            "data file you trust. Symlinks inside image_folder are followed either way."
+        },
     )
     on_overlong: Literal["raise", "drop"] = field(
         default="raise",
@@ -135,16 +155,88 @@ def parse_config(
         if action.dest in values:
             action.required = False
     parser.set_defaults(**values)  # string defaults are converted as command-line values would be
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=list(overrides))
-    return model_args, data_args, _resolve_precision(training_args)
+    namespace, remaining = parser.parse_known_args(args=list(overrides))
+    if remaining:
+        raise ValueError(
+            f"Unknown command-line arguments {remaining}; use --key value with ModelArguments, DataArguments or "
+            "TrainingArguments field names (see `llava-ext train CONFIG --help`)."
+        )
+    # The precision is settled before TrainingArguments exists: its __post_init__ rejects bf16 on a machine without a
+    # bf16 GPU ("Your setup doesn't support bf16/gpu") before anything could adjust it.
+    return parser.parse_dict(_resolve_precision(vars(namespace)))
 
 
-def _resolve_precision(training_args: TrainingArguments) -> TrainingArguments:
-    """bf16 on GPUs without it falls back to fp16, so one recipe runs on every GPU."""
-    if training_args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        warnings.warn("This GPU has no bf16; training in fp16 instead (set fp16: true to silence this).", stacklevel=2)
-        training_args.bf16, training_args.fp16 = False, True
-    return training_args
+def _has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator (CUDA/ROCm, XPU, MPS...) or torch_xla is installed (TPU)."""
+    if importlib.util.find_spec("torch_xla") is not None:
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86 AVX512-BF16, which AMX CPUs also have).
+
+    A bf16 matmul *works* on every CPU, emulated where the instructions are missing and then slower than fp32, so
+    "does it run" is no test. torch's check is private (present in 2.x); without it, or on ARM, the answer is no.
+    """
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+def _cuda_has_native_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer), not torch's emulation on older GPUs, which is slower than fp16."""
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.is_bf16_supported()
+
+
+def _resolve_precision(values: dict) -> dict:
+    """Turn a recipe's `bf16: true` into what this machine runs well, with one warning saying what and why.
+
+    So one recipe runs everywhere:
+
+        bf16 asked for, training on          ->  precision   device
+        a GPU with bf16                           bf16        GPU      (nothing changes, no warning)
+        a CUDA GPU without bf16 (pre-Ampere)      fp16        GPU
+        no GPU (or use_cpu), CPU with AVX512-BF16 bf16        CPU      (no warning when use_cpu was given)
+        no GPU (or use_cpu), other CPUs           fp32        CPU
+
+    Args:
+        values (`dict`): parsed argument values by field name (`bf16`, `fp16`, `bf16_full_eval`, `use_cpu`...).
+
+    Returns:
+        `values`, changed in place where needed.
+    """
+    if not (values["bf16"] or values["bf16_full_eval"]):
+        return values
+    if values["use_cpu"] or not _has_accelerator():
+        where = "use_cpu is set" if values["use_cpu"] else "no GPU was found"
+        if _cpu_has_native_bf16():
+            if not values["use_cpu"]:
+                warnings.warn(
+                    f"bf16: true and {where}: training on the CPU in bf16, which this CPU computes natively "
+                    "(AVX512-BF16). Add --use_cpu true to silence this, or --bf16 false to train in fp32.",
+                    stacklevel=3,
+                )
+                values["use_cpu"] = True
+        else:
+            warnings.warn(
+                f"bf16: true but {where} and this CPU has no native bf16 (AVX512-BF16), where bf16 is emulated and "
+                "slower than fp32: training on the CPU in fp32. Add --bf16 false to silence this.",
+                stacklevel=3,
+            )
+            values.update(bf16=False, bf16_full_eval=False, use_cpu=True)
+    elif torch.cuda.is_available() and not _cuda_has_native_bf16():
+        warnings.warn(
+            "bf16: true but this GPU has no bf16 (it needs Ampere or newer): training in fp16 instead. Add --bf16 "
+            "false --fp16 true to silence this.",
+            stacklevel=3,
+        )
+        values.update(bf16=False, fp16=True, bf16_full_eval=False)
+    return values
 
 
 def _vision_layers_in_use(model: PreTrainedModel) -> list[nn.Module]:
@@ -231,7 +323,14 @@ def apply_lora(model: PreTrainedModel, model_args: ModelArguments):
 
 
 class LlavaExtTrainer(Trainer):
-    """`Trainer` whose length-grouped sampler reads the dataset's cheap `lengths` instead of tokenizing every item."""
+    """`Trainer` whose length-grouped sampler reads the dataset's cheap `lengths` instead of tokenizing every item, and
+    which reports the samples a `LlavaConversationDataset` with `on_bad_sample="skip"` left out.
+
+    After training, `train()` adds `train_skipped_samples` (and `eval_skipped_samples` with an eval set) to the
+    returned metrics (and, with `on_bad_sample="skip"`, to the log history), and logs a warning "skipped N of M samples:
+    record I (id ...): reason; ..." when N > 0. N counts the samples the run met (from every DataLoader worker and
+    every process), once each.
+    """
 
     def _get_train_sampler(self, train_dataset=None):  # compat.TRAIN_SAMPLER_HOOK
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -239,6 +338,32 @@ class LlavaExtTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+    def _unreadable_everywhere(self, dataset: LlavaConversationDataset) -> torch.Tensor:
+        """The dataset's skip flags summed over the processes of a distributed run (each reads its own shard)."""
+        flags = dataset.unreadable.to(self.args.device, torch.int32)  # a copy; NCCL needs it on the GPU
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags)
+        return flags.cpu()
+
+    def train(self, *args, **kwargs) -> TrainOutput:
+        output = super().train(*args, **kwargs)
+        counts = {}
+        for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+            if not isinstance(dataset, LlavaConversationDataset):
+                continue
+            if dataset.on_bad_sample == "raise":  # nothing can have been skipped
+                output.metrics[f"{split}_skipped_samples"] = 0
+                continue
+            skipped = dataset.skipped_samples(self._unreadable_everywhere(dataset))  # a collective: every rank runs it
+            counts[f"{split}_skipped_samples"] = len(skipped)
+            if skipped and self.is_world_process_zero():
+                summary = skip_summary(skipped, dataset.num_records)
+                logger.warning("%s data (on_bad_sample='skip'): %s", split.capitalize(), summary)
+        if counts:  # into the log history (trainer_state.json) and the report_to integrations too
+            output.metrics.update(counts)
+            self.log(dict(counts))
+        return output
 
 
 def _local_or_hub(path: str) -> str:
@@ -255,6 +380,18 @@ def build_trainer(
         model_args (`ModelArguments`), data_args (`DataArguments`), training_args (`TrainingArguments`):
             as returned by `parse_config`.
     """
+    # The data first: a malformed record or an image outside image_folder stops the run before the model loads.
+    datasets = [
+        LlavaConversationDataset(
+            path,
+            data_args.image_folder,
+            data_args.on_bad_sample,
+            allow_images_outside_folder=data_args.allow_images_outside_folder,
+        )
+        if path is not None
+        else None
+        for path in (data_args.data_path, data_args.eval_data_path)
+    ]
     model_path = _local_or_hub(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(
         model_args.processor_name_or_path or model_path, trust_remote_code=model_args.trust_remote_code
@@ -272,13 +409,9 @@ def build_trainer(
     max_length = data_args.model_max_length or processor.tokenizer.model_max_length
     max_length = None if max_length >= VERY_LARGE_MAX_LENGTH else max_length
     collator = LlavaExtDataCollator(processor, model_max_length=max_length, on_overlong=data_args.on_overlong)
-    tokens_per_image = getattr(model.config, "image_seq_length", 576)
-    datasets = [
-        LlavaConversationDataset(path, data_args.image_folder, data_args.on_bad_sample, tokens_per_image)
-        if path is not None
-        else None
-        for path in (data_args.data_path, data_args.eval_data_path)
-    ]
+    for dataset in datasets:
+        if dataset is not None:  # the length estimate for group_by_length counts the model's image tokens
+            dataset.tokens_per_image = getattr(model.config, "image_seq_length", dataset.tokens_per_image)
     training_args.remove_unused_columns = False  # items are conversations; the collator makes the model inputs
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
@@ -299,7 +432,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     `checkpoint-N` in `output_dir`.
 
     Returns:
-        transformers' `TrainOutput` (global step, training loss, metrics).
+        transformers' `TrainOutput` (global step, training loss, metrics; `metrics["train_skipped_samples"]` counts
+        the samples `on_bad_sample="skip"` left out, see `LlavaExtTrainer`).
     """
     trainer = build_trainer(model_args, data_args, training_args)
     resume = training_args.resume_from_checkpoint
@@ -316,13 +450,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     return output
 
 
-def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | None = None) -> str:
+def merge_lora(
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    base_model: str | None = None,
+    *,
+    overwrite: bool = False,
+) -> str:
     """Fold a LoRA adapter (with its projector) into its base model and save a full checkpoint with the processor.
+
+    The adapter's and a local base model's files are checked before anything loads, and the checkpoint is written
+    into a temporary sibling of `output_dir` that is renamed into place only when complete, as `llava-ext convert`
+    writes (`convert.io.atomic_directory`).
 
     Args:
         adapter_dir (`str`): a folder written by a LoRA run (final or `checkpoint-N`).
-        output_dir (`str`): where the merged checkpoint goes.
+        output_dir (`str`): where the merged checkpoint goes; must not exist unless `overwrite=True`.
         base_model (`str`, *optional*): the base checkpoint; defaults to the adapter's `base_model_name_or_path`.
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing `output_dir` once the merged
+            checkpoint is complete.
 
     Returns:
         `output_dir`.
@@ -335,11 +481,25 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, ba
             f"{str(adapter_dir)!r} has no adapter_config.json; give the output_dir (or a checkpoint-N) of a run "
             "with lora_enable: true."
         )
-    base_model = base_model or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    check_checkpoint_files(adapter_dir, config_name="adapter_config.json", what="LoRA adapter")
+    out = Path(output_dir).expanduser().absolute()
+    check_output_free(out, overwrite)
+    if base_model is None:
+        base_model = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        recorded = Path(base_model).expanduser()
+        if (recorded.is_absolute() or base_model.startswith(".")) and not recorded.is_dir():
+            raise FileNotFoundError(
+                f"The base model {base_model!r} recorded in {Path(adapter_dir) / 'adapter_config.json'} does not "
+                "exist (moved or deleted?); pass it with base_model (--base-model)."
+            )
+    if Path(base_model).expanduser().is_dir():
+        check_checkpoint_files(Path(base_model).expanduser(), processor=False, what="base model")
+    processor = AutoProcessor.from_pretrained(adapter_dir, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(base_model, trust_remote_code=True)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model.save_pretrained(output_dir)
-    AutoProcessor.from_pretrained(adapter_dir, trust_remote_code=True).save_pretrained(output_dir)
+    with atomic_directory(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return str(output_dir)
 
 
@@ -349,7 +509,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_merge_lora(args: argparse.Namespace) -> int:
-    merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model)
+    try:
+        merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model, overwrite=args.overwrite)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        raise SystemExit(f"llava-ext merge-lora: error: {error}") from None
     return 0
 
 
@@ -376,8 +539,9 @@ def add_parser(subparsers) -> None:
         epilog="example:\n  llava-ext merge-lora out/lora out/merged",
     )
     merge.add_argument("adapter_dir", help="output_dir or checkpoint-N of a run with lora_enable: true")
-    merge.add_argument("output_dir", help="where the merged checkpoint is written")
+    merge.add_argument("output_dir", help="where the merged checkpoint is written (must not exist unless --overwrite)")
     merge.add_argument("--base-model", default=None, help="base checkpoint (default: the adapter's own record)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output_dir once merged")
     merge.set_defaults(func=_run_merge_lora)
 
 
