@@ -96,6 +96,17 @@ def register_stock_checkpoint_layout(ours_to_stock: dict[str, str]) -> bool:
     return True
 
 
+def keep_used_weight_conversions(model) -> None:
+    """Keep only the key renamings that matched the checkpoint, for save_pretrained to reverse.
+
+    transformers 5.24 does so after a normal load (core_model_loading.py) but keeps every candidate after a DeepSpeed
+    ZeRO-3 load (integrations/deepspeed.py), which then renames keys twice on save (`language_model.model.model.*`).
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
+
+
 __all__ = [
     "CACHE_KWARG",
     "CHECKPOINTING_ARG",
@@ -109,6 +120,7 @@ __all__ = [
     "auto_model_classes_for",
     "custom_object_save",
     "get_last_checkpoint",
+    "keep_used_weight_conversions",
     "load_image",
     "register_stock_checkpoint_layout",
     "tqdm",

@@ -200,10 +200,23 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, with an `auto_map` naming every Auto class when the code is saved too."""
+        """`PreTrainedModel.save_pretrained`, with an `auto_map` naming every Auto class when the code is saved too.
+
+        FSDP2's `fully_shard` swaps the model's class for one it makes (`FSDPLlavaExt...`, defined in torch): saving
+        runs as our class, or transformers (5.24) would copy torch's FSDP files as the model's code and name that class.
+        """
         if self._auto_class is not None:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # only a model fully_shard has touched can be one, and then torch.distributed.fsdp is imported (torch >= 2.6)
+        fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+        if fsdp_module is None or not isinstance(self, fsdp_module):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        sharded_class = type(self)
+        self.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, fsdp_module))
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
 
 
 class LlavaExtModel(LlavaExtPreTrainedModel):

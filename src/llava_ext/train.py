@@ -42,7 +42,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from .compat import CHECKPOINTING_ARG, CHECKPOINTING_ARGS, LengthGroupedSampler, TrainOutput, get_last_checkpoint
+from .compat import (
+    CHECKPOINTING_ARG, CHECKPOINTING_ARGS, LengthGroupedSampler, TrainOutput, get_last_checkpoint,
+    keep_used_weight_conversions,
+)
 from .convert.io import atomic_directory, check_checkpoint_files, check_output_free
 from .data import LlavaConversationDataset, LlavaExtDataCollator, skip_summary
 from .vision import normalize_layer_indices
@@ -397,6 +400,7 @@ def build_trainer(
         model_args.processor_name_or_path or model_path, trust_remote_code=model_args.trust_remote_code
     )
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
+    keep_used_weight_conversions(model)
     model.config.use_cache = False  # the cache is useless in training and wasteful with checkpointing
     freeze_parameters(model, model_args)
     if getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing:
