@@ -19,17 +19,26 @@ question about the same image costs a prefill of a few text tokens instead of th
 
 By default the cache is a `StaticCache` (fixed shapes, grown in blocks of `CACHE_BLOCK` tokens) and the decode step
 is `torch.compile`d (on CPU: frozen weights, inductor's C++ GEMM kernels); the first answer pays the compile warm-up.
+
+Long conversations: a question that would not fit in the context (the text model's `max_position_embeddings`, or
+`max_context`) raises `ContextFullError` before any compute, or makes room by forgetting the oldest turns
+(`on_context_full="drop_oldest"`, the CLI's default). An interrupted answer (Ctrl-C, a stream left unfinished) is
+forgotten with its question, its generation thread stopped first. `benchmarks/soak_chat.py` measures memory and time
+per turn over hundreds of turns.
 """
 
 import argparse
 import contextlib
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, StaticCache, TextIteratorStreamer, logging
+from transformers import (
+    DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, logging,
+)
 
 from .compat import CACHE_KWARG, CompileConfig, load_image
 
@@ -122,12 +131,56 @@ def truncate_cache(cache, length: int) -> None:
         cache.crop(length - current)
 
 
+class ContextFullError(ValueError):
+    """The conversation with its new question, plus room for the answer, is longer than the session's context limit.
+
+    Attributes:
+        limit (`int`): the context limit in tokens.
+        needed (`int`): prompt tokens + `max_new_tokens` for the question that did not fit.
+        question_alone (`bool`): even the question with only the system message does not fit, so forgetting earlier
+            turns would not help.
+    """
+
+    def __init__(self, message: str, limit: int, needed: int, question_alone: bool):
+        super().__init__(message)
+        self.limit = limit
+        self.needed = needed
+        self.question_alone = question_alone
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends `generate()` at the next token once `event` is set, from any thread."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class ChatSession:
     r"""
     A conversation with a LLaVA model that keeps its KV cache between turns and feeds `generate()` only new tokens.
 
     Answers equal those of a fresh `generate()` over the whole rendered conversation (greedy decoding): the cache holds
     exactly the keys and values that a full prefill would compute for the reused prefix.
+
+    Context limit: a question whose prompt plus `max_new_tokens` would pass the limit (`max_context`, by default the
+    text model's `max_position_embeddings`) is refused with a [`ContextFullError`] before any compute, or, with
+    `on_context_full="drop_oldest"`, the oldest turns (question, its images and answer; the system message stays) are
+    forgotten until it fits, fewest first:
+
+        [system] [Q1 img A1] [Q2 A2] [Q3 A3] [Q4 ...max_new_tokens...]   > limit
+        [system]             [Q2 A2] [Q3 A3] [Q4 ...max_new_tokens...]   <= limit   (dropped_turns == 1)
+
+    The kept turns now start earlier in the prompt, so that question prefills them again (the cache is reused up to the
+    system message); later questions reuse the cache as usual until the next drop.
+
+    Interrupted answers: a question whose answer did not run to its end (an exception or Ctrl-C during `generate()`,
+    a stream closed, dropped or interrupted before it was exhausted, or a new question asked before it was) is not
+    recorded: the question, its images and the partial answer are forgotten, as if never asked, and the next answer
+    equals a fresh session's over the conversation without that turn. A stream's generation thread is stopped at the
+    next token and joined first, so the cache is never written behind the next question's back.
 
     Args:
         model ([`LlavaExtForConditionalGeneration`] or any LLaVA-style generative model):
@@ -145,11 +198,18 @@ class ChatSession:
             pre-packed copy of the weights (about the model's size kept, twice that while compiling). The weights
             are frozen into the compiled step: after changing them in place, call `torch._dynamo.reset()` so the
             step is compiled again.
+        max_context (`int`, *optional*):
+            Context limit in tokens (prompt + answer), at most the text model's `max_position_embeddings`, which is
+            the default. A lower limit bounds the cache's memory.
+        on_context_full (`str`, *optional*, defaults to `"error"`):
+            `"error"`: raise [`ContextFullError`] (the question is not recorded; `reset()` or `drop_oldest_turns()`
+            make room); `"drop_oldest"`: forget the oldest turns until the question fits (`dropped_turns` says how
+            many the last question forgot).
 
     Example:
 
     ```python
-    >>> session = ChatSession(model, processor)
+    >>> session = ChatSession(model, processor, on_context_full="drop_oldest")
     >>> session.ask("What is in the picture?", images=[image], max_new_tokens=64)
     >>> for chunk in session.ask("And what colour is it?", stream=True):
     ...     print(chunk, end="", flush=True)
@@ -163,6 +223,8 @@ class ChatSession:
         system: str | None = None,
         cache_implementation: Literal["static", "dynamic"] = "static",
         compile: bool | None = None,
+        max_context: int | None = None,
+        on_context_full: Literal["error", "drop_oldest"] = "error",
     ):
         if cache_implementation not in ("static", "dynamic"):
             raise ValueError(
@@ -171,6 +233,17 @@ class ChatSession:
             )
         if compile and cache_implementation != "static":
             raise ValueError("compile=True needs cache_implementation='static': a dynamic cache changes shape every token.")
+        if on_context_full not in ("error", "drop_oldest"):
+            raise ValueError(
+                f"on_context_full={on_context_full!r} is not supported; use 'error' (raise ContextFullError) or "
+                "'drop_oldest' (forget the oldest turns until the question fits)."
+            )
+        model_limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if max_context is not None and (max_context < 1 or (model_limit is not None and max_context > model_limit)):
+            raise ValueError(
+                f"max_context={max_context} must be between 1 and the text model's max_position_embeddings "
+                f"({model_limit}); leave it unset to use the latter."
+            )
         self.model = model
         self.processor = processor
         self.system = system
@@ -178,7 +251,14 @@ class ChatSession:
         if compile is None:
             compile = cache_implementation == "static" and self._memory_allows_compile(model)
         self.compile = compile
+        self.max_context = max_context or model_limit
+        self._limit_source = "max_context" if max_context else "the text model's max_position_embeddings"
+        self.on_context_full = on_context_full
         self.image_token_id = model.config.image_token_id
+        self._stream_ref = None  # weak reference to the last streamed answer's iterator
+        self._worker = None  # (thread, stop event) of a streamed generation still running
+        self._pending_images = None  # images of the question awaiting its answer (None: no question pending)
+        self.dropped_turns = 0  # turns the last question forgot to fit in the context (on_context_full="drop_oldest")
         self.reset()
 
     @staticmethod
@@ -196,11 +276,36 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation and its images; the cache's memory is kept for the next conversation."""
+        self._abandon_unfinished_answer()
         self.messages: list[dict] = []
         if self.system:
             self.messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         self.images: list = []
         self._cached_ids = torch.empty(0, dtype=torch.long)  # the tokens whose keys/values the cache holds
+
+    def drop_oldest_turns(self, num_turns: int = 1) -> int:
+        """Forget the `num_turns` oldest turns (each a question, its images and its answer); the system message stays.
+
+        The next question prefills the kept turns again: they now start earlier in the prompt.
+
+        Returns:
+            `int`: the number of turns forgotten (fewer than asked when the conversation has fewer).
+        """
+        if num_turns < 1:
+            raise ValueError(f"num_turns={num_turns} must be at least 1.")
+        self._abandon_unfinished_answer()
+        return self._drop_turns(num_turns)
+
+    def _drop_turns(self, num_turns: int) -> int:
+        """Forget up to `num_turns` answered turns from the start; returns how many."""
+        first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        # After the system message, messages alternate user, assistant; a pending question (no answer yet) stays.
+        answered = (len(self.messages) - first - (self._pending_images is not None)) // 2
+        dropped = min(num_turns, answered)
+        for question in self.messages[first : first + 2 * dropped : 2]:
+            del self.images[: sum(part["type"] == "image" for part in question["content"])]
+        del self.messages[first : first + 2 * dropped]
+        return dropped
 
     @property
     def cache(self):
@@ -216,47 +321,76 @@ class ChatSession:
             text (`str`): the question.
             images (`list` of images, *optional*): images for this turn (PIL images, arrays, paths or URLs as the
                 processor takes them); each gets an `<image>` placeholder before the question's text.
-            stream (`bool`, *optional*, defaults to `False`): return an iterator of text chunks as they are generated
-                (the answer enters the conversation once the iterator is exhausted).
+            stream (`bool`, *optional*, defaults to `False`): return an iterator of text chunks as they are generated.
+                The answer enters the conversation once the iterator is exhausted; closing, dropping or interrupting
+                it before then stops the generation and forgets the question (see the class docstring).
             generate_kwargs: passed to `generate()` (`max_new_tokens` defaults to 256, decoding to greedy).
 
         Returns:
             `str` (the answer, stripped) or, with `stream=True`, an iterator of `str` chunks.
+
+        Raises:
+            [`ContextFullError`]: the question does not fit in the context (with `on_context_full="error"`, or when it
+                would not fit even alone); the question is not recorded.
         """
+        self._abandon_unfinished_answer()
         images = list(images or [])
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         self.messages.append({"role": "user", "content": content})
         self.images.extend(images)
+        self._pending_images = len(images)
+        self.dropped_turns = 0
         try:
             kwargs, prompt_length = self._prepare_generate(generate_kwargs)
         except BaseException:
-            self._forget_question(len(images))
+            self._forget_question(cache_valid=True)  # nothing ran: the cache still holds exactly `_cached_ids`
             raise
         if stream:
-            return self._stream(kwargs, prompt_length, len(images))
+            iterator = self._stream(kwargs, prompt_length)
+            self._stream_ref = weakref.ref(iterator)
+            return iterator
         try:
             with self._compile_settings():
                 sequences = self.model.generate(**kwargs)
-        except BaseException:
-            self._forget_question(len(images))
+        except BaseException:  # KeyboardInterrupt included: the cache may be half-written
+            self._forget_question(cache_valid=False)
             raise
         return self._finish(sequences, prompt_length)
 
     def _compile_settings(self):
         return decode_compile_settings(self.model.device) if self.compile else contextlib.nullcontext()
 
-    def _forget_question(self, num_images: int) -> None:
-        """Undo a question that got no answer; the cache may be half-written, so it is not trusted."""
-        self.messages.pop()
-        del self.images[len(self.images) - num_images :]
-        self._cached_ids = torch.empty(0, dtype=torch.long)
+    def _forget_question(self, cache_valid: bool) -> None:
+        """Undo the pending question, which got no recorded answer; an invalid cache is not reused."""
+        if self._pending_images is not None:
+            self.messages.pop()
+            del self.images[len(self.images) - self._pending_images :]
+            self._pending_images = None
+        if not cache_valid:
+            self._cached_ids = torch.empty(0, dtype=torch.long)
+
+    def _abandon_unfinished_answer(self) -> None:
+        """Settle a streamed answer left unfinished before the conversation changes: stop it, forget its question."""
+        iterator = self._stream_ref() if self._stream_ref is not None else None
+        self._stream_ref = None
+        if iterator is not None:
+            iterator.close()  # a started stream stops its thread and forgets its question (see `_stream`)
+        if self._worker is not None:  # a stream whose own clean-up was interrupted (a second Ctrl-C)
+            self._stop_worker()
+            self._forget_question(cache_valid=False)
+        self._forget_question(cache_valid=True)  # a stream never iterated: nothing ran
+
+    def _stop_worker(self) -> None:
+        thread, stop = self._worker
+        stop.set()
+        thread.join()
+        self._worker = None
 
     def _prepare_generate(self, generate_kwargs: dict) -> tuple[dict, int]:
         """Tokenize the conversation, pick the reusable cache prefix, and build `generate()`'s arguments."""
-        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=prompt, images=self.images or None, return_tensors="pt")
-        input_ids = inputs["input_ids"]  # (1, seq)
         max_new_tokens = generate_kwargs.pop("max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        inputs = self._fit_context(max_new_tokens)
+        input_ids = inputs["input_ids"]  # (1, seq)
         cache, reused = self._cache_for(input_ids[0], max_new_tokens)
 
         kwargs = {
@@ -281,6 +415,46 @@ class ChatSession:
         kwargs.update(generate_kwargs)
         return kwargs, input_ids.shape[1]
 
+    def _tokenize(self, messages: list[dict], images: list) -> dict:
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.processor(text=prompt, images=images or None, return_tensors="pt")
+
+    def _fit_context(self, max_new_tokens: int) -> dict:
+        """The tokenized conversation, once it fits in the context (forgetting the oldest turns if it must and may)."""
+        inputs = self._tokenize(self.messages, self.images)
+        limit = self.max_context
+        if limit is None or inputs["input_ids"].shape[1] + max_new_tokens <= limit:
+            return inputs
+        # Before dropping anything: would the question fit with only the system message?
+        system = [message for message in self.messages[:1] if message["role"] == "system"]
+        question_images = self.images[len(self.images) - self._pending_images :]
+        alone = self._tokenize(system + self.messages[-1:], question_images)["input_ids"].shape[1]
+        if alone + max_new_tokens > limit:
+            raise ContextFullError(
+                f"This question alone is {alone} tokens (with the system message and its images' placeholders); with "
+                f"max_new_tokens={max_new_tokens} it needs {alone + max_new_tokens}, more than the context limit of "
+                f"{limit} tokens ({self._limit_source}). Shorten the question, send fewer images or lower "
+                "max_new_tokens.",
+                limit, alone + max_new_tokens, question_alone=True,
+            )
+        if self.on_context_full == "error":
+            length = inputs["input_ids"].shape[1]
+            turns = sum(message["role"] == "assistant" for message in self.messages)
+            smaller = f", lower max_new_tokens (at most {limit - length} fit)" if length < limit else ""
+            raise ContextFullError(
+                f"The conversation ({turns} turns and this question) is {length} tokens; with "
+                f"max_new_tokens={max_new_tokens} it needs {length + max_new_tokens}, more than the context limit of "
+                f"{limit} tokens ({self._limit_source}). Call reset() to start a new conversation or "
+                f"drop_oldest_turns() to forget the oldest turns{smaller}, or create the session with "
+                "on_context_full='drop_oldest' to forget them by itself.",
+                limit, length + max_new_tokens, question_alone=False,
+            )
+        while inputs["input_ids"].shape[1] + max_new_tokens > limit:  # ends: the question alone fits
+            self.dropped_turns += self._drop_turns(1)
+            inputs = self._tokenize(self.messages, self.images)
+        logger.info(f"Context full: forgot the {self.dropped_turns} oldest turn(s) to fit in {limit} tokens")
+        return inputs
+
     def _cache_for(self, input_ids: torch.Tensor, max_new_tokens: int):
         """The cache cut back to the longest reusable prefix of `input_ids` (seq,), and that prefix's length."""
         reused = self._reusable_length(input_ids)
@@ -289,13 +463,16 @@ class ChatSession:
         if self.cache_implementation == "static":
             if cache is None or cache.get_max_length() < needed:
                 capacity = -(-needed // CACHE_BLOCK) * CACHE_BLOCK
+                if self.max_context is not None:
+                    capacity = min(capacity, max(self.max_context, needed))  # no room past the context limit
                 cache = new_static_cache(self.model.config, capacity, self.model.device)
                 reused = 0
         elif cache is None:
             cache = DynamicCache(config=self.model.config)
+        # Shorten the ids before the cache: interrupted in between, the ids still name only positions the cache holds.
+        self._cached_ids = self._cached_ids[:reused]
         self._cache = cache
         truncate_cache(cache, reused)
-        self._cached_ids = self._cached_ids[:reused]
         return cache, reused
 
     def _reusable_length(self, input_ids: torch.Tensor) -> int:
@@ -323,17 +500,33 @@ class ChatSession:
             return 0
         return int((input_ids[:length] == self.image_token_id).sum()) // self._tokens_per_image(input_ids)
 
-    def _finish(self, sequences: torch.Tensor, prompt_length: int) -> str:
-        """Record the answer and the cached tokens; return the answer text."""
+    def _record_cached_ids(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Note which tokens (prompt + answer but its last token) the cache now holds; returns `sequences[0]` on CPU."""
         sequences = sequences[0].cpu()  # (prompt + new,)
         self._cached_ids = sequences[: int(self.cache.get_seq_length())]
+        return sequences
+
+    def _finish(self, sequences: torch.Tensor, prompt_length: int) -> str:
+        """Record the answer and the cached tokens; return the answer text."""
+        sequences = self._record_cached_ids(sequences)
         answer = self.processor.tokenizer.decode(sequences[prompt_length:], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        self._pending_images = None
         return answer
 
-    def _stream(self, kwargs: dict, prompt_length: int, num_images: int) -> Iterator[str]:
-        """Run `generate()` in a thread and yield its text as it comes."""
+    def _stream(self, kwargs: dict, prompt_length: int) -> Iterator[str]:
+        """Run `generate()` in a thread and yield its text as it comes; a stop before the end forgets the question.
+
+            main thread (consumer)                  generation thread
+            for chunk in streamer: yield  <-------  generate(streamer=..., stopping_criteria=[..., stop])
+            GeneratorExit / KeyboardInterrupt:
+                stop.set() ------------------------> ends after the current token (the cache stays consistent)
+                thread.join(); forget the question
+        """
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        criteria = kwargs.get("stopping_criteria") or []
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*criteria, _StopWhenSet(stop)])
         result = {}
 
         def run():
@@ -345,19 +538,28 @@ class ChatSession:
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
+        self._worker = (thread, stop)
         thread.start()
-        # The answer is recorded stripped; stream the same text: drop leading whitespace, hold trailing whitespace
-        # back until more text follows it.
-        held = None
-        for chunk in streamer:
-            chunk = chunk.lstrip() if held is None else held + chunk
-            text = chunk.rstrip()
-            if text:
-                yield text
-            held = chunk[len(text) :] if text or held is not None else None
-        thread.join()
+        try:
+            # The answer is recorded stripped; stream the same text: drop leading whitespace, hold trailing
+            # whitespace back until more text follows it.
+            held = None
+            for chunk in streamer:
+                chunk = chunk.lstrip() if held is None else held + chunk
+                text = chunk.rstrip()
+                if text:
+                    yield text
+                held = chunk[len(text) :] if text or held is not None else None
+            thread.join()
+        except BaseException:  # GeneratorExit (closed or dropped early), KeyboardInterrupt (Ctrl-C while waiting)
+            self._stop_worker()
+            if "sequences" in result:  # generate() returned: the cache holds the prompt and the partial answer
+                self._record_cached_ids(result["sequences"])
+            self._forget_question(cache_valid="sequences" in result)
+            raise
+        self._worker = None
         if "error" in result:
-            self._forget_question(num_images)
+            self._forget_question(cache_valid=False)
             raise result["error"]
         self._finish(result["sequences"], prompt_length)
 
@@ -380,7 +582,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Interactive chat: type a question and press Enter; the answer streams as it is generated.\n"
             "Commands: '/image PATH_OR_URL' adds an image to the next question, '/reset' starts a new conversation,\n"
-            "'/exit' quits. Questions can come from a pipe too, one a line."
+            "'/exit' quits. Ctrl-C stops an answer (its question is forgotten); at the prompt it quits.\n"
+            "Questions can come from a pipe too, one a line."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the example on one line
@@ -396,6 +599,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--compile", action=argparse.BooleanOptionalAction, default=None,
         help="compile the decode step (static cache; the first answer pays the warm-up). Default: on, except on a "
         "CPU without free memory for the compiled step's pre-packed copy of the weights",
+    )
+    parser.add_argument(
+        "--max-context", type=int, default=None,
+        help="context limit in tokens, prompt and answer (default: the model's max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--on-context-full", choices=["drop_oldest", "error"], default="drop_oldest",
+        help="when a question does not fit: forget the oldest turns (default, with a note) or refuse it",
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true",
@@ -443,7 +654,10 @@ def load_model_and_processor(
 def run_chat(args: argparse.Namespace) -> int:
     """The `llava-ext chat` loop: questions from stdin, streamed answers to stdout, errors to stderr."""
     model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.trust_remote_code)
-    session = ChatSession(model, processor, system=args.system, compile=args.compile)
+    session = ChatSession(
+        model, processor, system=args.system, compile=args.compile, max_context=args.max_context,
+        on_context_full=args.on_context_full,
+    )
     generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         generate_kwargs["temperature"] = args.temperature
@@ -459,7 +673,11 @@ def run_chat(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, without a traceback
+            print(file=sys.stderr)
+            return 130
         if not line:  # end of input
             break
         line = line.strip()
@@ -479,11 +697,24 @@ def run_chat(args: argparse.Namespace) -> int:
             except Exception as error:  # a bad path must not end the chat
                 print(f"could not load image {path!r}: {error}", file=sys.stderr)
             continue
+        answer = None
         try:
-            for chunk in session.ask(line, images=pending, stream=True, **generate_kwargs):
+            answer = session.ask(line, images=pending, stream=True, **generate_kwargs)
+            if session.dropped_turns:
+                print(f"[context full: forgot the oldest {session.dropped_turns} turn(s)]", file=sys.stderr)
+            for chunk in answer:
                 print(chunk, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C during an answer ends the answer, not the chat
+            if answer is not None:
+                answer.close()  # stops the generation thread; the question is forgotten
+            print(flush=True)
+            print("[answer interrupted; the question was left out of the conversation]", file=sys.stderr)
+            continue
         except ValueError as error:
             print(f"\nerror: {error}", file=sys.stderr)
+            if isinstance(error, ContextFullError) and not error.question_alone:
+                print("[type /reset to start a new conversation, or chat with --on-context-full drop_oldest]",
+                      file=sys.stderr)
             continue
         finally:
             pending = []
@@ -492,7 +723,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "CACHE_BLOCK", "ChatSession", "add_parser", "compile_memory_shortfall", "decode_compile_config",
+    "CACHE_BLOCK", "ChatSession", "ContextFullError", "add_parser", "compile_memory_shortfall", "decode_compile_config",
     "decode_compile_settings", "load_model_and_processor", "new_static_cache", "run_chat", "truncate_cache",
     "UnpinnedStaticCache",
 ]
