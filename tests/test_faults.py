@@ -34,7 +34,7 @@ import pytest
 import torch
 from conftest import tiny_llava_config
 from test_data import make_processor
-from transformers import AutoModelForImageTextToText, LlamaConfig
+from transformers import AutoModelForImageTextToText, LlamaConfig, TrainingArguments
 
 import llava_ext.convert as convert
 import llava_ext.convert.io as convert_io
@@ -43,7 +43,8 @@ from llava_ext.cli import main
 from llava_ext.convert import convert_checkpoint, export_checkpoint
 from llava_ext.convert.io import check_checkpoint_files, clean_interrupted_writes
 from llava_ext.processing_llava_ext import LlavaExtProcessor
-from llava_ext.train import ModelArguments, apply_lora, merge_lora
+from llava_ext.chat import load_model_and_processor
+from llava_ext.train import DataArguments, ModelArguments, apply_lora, build_trainer, merge_lora
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork the tool (POSIX only)")
 LFS_POINTER_TEXT = (
@@ -579,3 +580,24 @@ def test_a_failed_overwrite_leaves_the_old_out_intact(checkpoints, tmp_path, mon
         runner(tool, checkpoints, tmp_path / "out", overwrite=True)()
     assert tree(tmp_path / "out") == old
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+# ------------------------------------------------------------------------- chat's and train's loaders (follow-up)
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"id": "0", "conversations": [{"from": "human", "value": "Hi?"},
+                                                               {"from": "gpt", "value": "Hello."}]}]))
+    return path
+
+
+@pytest.mark.parametrize("case", BROKEN)
+@pytest.mark.parametrize("loader", ["chat", "train"])
+def test_chat_and_train_loaders_name_the_broken_file(checkpoints, tmp_path, loader, case):
+    broken, message = break_checkpoint(checkpoints, case, tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        if loader == "chat":
+            load_model_and_processor(str(broken), device="cpu")
+        else:
+            build_trainer(ModelArguments(model_name_or_path=str(broken)),
+                          DataArguments(data_path=str(data_file(tmp_path))),
+                          TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none"))

@@ -6,7 +6,7 @@ saved checkpoint carries its own code and loads with `trust_remote_code=True` wh
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-from .chat import ChatSession
+from .chat import ChatSession, ContextFullError
 from .compat import AutoImageProcessor, auto_model_classes_for, register_stock_checkpoint_layout
 from .configuration_llava_ext import LlavaExtConfig
 from .image_processing_llava_ext import LlavaExtImageProcessor
@@ -50,6 +50,7 @@ LlavaExtProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "ChatSession",
+    "ContextFullError",
     "ImageTokenMismatchError",
     "LlavaExtConfig",
     "LlavaExtForConditionalGeneration",

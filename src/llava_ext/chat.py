@@ -33,6 +33,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -632,6 +633,7 @@ def load_model_and_processor(
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from .convert.io import check_checkpoint_files
     from .processing_llava_ext import LlavaExtProcessor
 
     if dtype not in DTYPES:
@@ -639,6 +641,8 @@ def load_model_and_processor(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use --device cpu.")
+    if Path(model_id).is_dir():  # a truncated or missing file is named before anything loads
+        check_checkpoint_files(model_id)
     config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
         model_id, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code

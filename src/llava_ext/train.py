@@ -396,9 +396,12 @@ def build_trainer(
         for path in (data_args.data_path, data_args.eval_data_path)
     ]
     model_path = _local_or_hub(model_args.model_name_or_path)
-    processor = AutoProcessor.from_pretrained(
-        model_args.processor_name_or_path or model_path, trust_remote_code=model_args.trust_remote_code
-    )
+    processor_path = model_args.processor_name_or_path or model_path
+    if Path(model_path).is_dir():  # a truncated or missing file is named before anything loads
+        check_checkpoint_files(model_path, processor=processor_path == model_path)
+    if processor_path != model_path and Path(processor_path).is_dir():
+        check_checkpoint_files(processor_path, weights=False, config_name=None, what="processor")
+    processor = AutoProcessor.from_pretrained(processor_path, trust_remote_code=model_args.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
     keep_used_weight_conversions(model)
     model.config.use_cache = False  # the cache is useless in training and wasteful with checkpointing
