@@ -26,6 +26,12 @@ def test_demo_quick_learns_well_above_chance(tmp_path, capsys):
     # the checkpoint reloaded by the demo carries its code
     assert (tmp_path / "final" / "modeling_llava_ext.py").is_file()
     assert (tmp_path / "final" / "processing_llava_ext.py").is_file()
+    # the held-out set is also an eval file, and `llava-ext eval` scores the demo's model the same way
+    heldout = tmp_path / "data" / "heldout.jsonl"
+    assert len(heldout.read_text().splitlines()) == 100
+    assert main(["eval", str(tmp_path / "final"), "--data", str(heldout)]) == 0
+    scored = capsys.readouterr().out
+    assert f"exact match:     {round(accuracy * 100)}/100" in scored, scored
 
 
 def test_demo_shapes_recipe_matches_the_demo_stage2():

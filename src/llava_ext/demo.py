@@ -34,6 +34,7 @@ from transformers import (
 
 from .configuration_llava_ext import LlavaExtConfig
 from .data import LlavaConversationDataset
+from .evaluate import eval_records_from_conversations
 from .modeling_llava_ext import LlavaExtForConditionalGeneration
 from .train import DataArguments, ModelArguments, train
 from .vision import num_image_features
@@ -287,6 +288,8 @@ def _run_demo_steps(output_dir: Path, settings: DemoSettings) -> DemoResult:
     size = settings.image_size
     train_path = make_shapes_dataset(data, settings.train_images, settings.seed, "train", size)
     eval_path = make_shapes_dataset(data, settings.eval_questions, settings.seed + 1, "heldout", size)
+    # the held-out questions also as an eval file: `llava-ext eval OUT/final --data OUT/data/heldout.jsonl`
+    eval_records_from_conversations(eval_path, data / "heldout.jsonl")
 
     records = json.loads(train_path.read_text()) + json.loads((data / "train-captions.json").read_text())
     corpus = [turn["value"] for record in records for turn in record["conversations"]]
@@ -327,6 +330,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         f"\nAccuracy on {result.num_questions} held-out questions: {result.accuracy:.1%} "
         f"(chance {result.chance:.0%}); total time {result.seconds:.0f} s."
     )
+    data = Path(result.output_dir).parent / "data"
+    print(f"Score it again with: llava-ext eval {result.output_dir} --data {data / 'heldout.jsonl'}")
     return 0
 
 
