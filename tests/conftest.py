@@ -1,7 +1,10 @@
-"""Shared tiny fixtures: vision hidden 32, 2-3 layers, image 32 / patch 8, a character-level tokenizer (vocab 128)."""
+"""Shared tiny fixtures: vision hidden 32, 2-3 layers, image 32 / patch 8, a character-level tokenizer (vocab 128),
+and `hub`, HfApi with its network calls recorded instead of made."""
 
 import string
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
@@ -85,3 +88,25 @@ def tiny_tokenizer():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub(monkeypatch) -> list:
+    """HfApi with its network calls replaced by recorders; uploads keep each file's bytes at upload time."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return calls
