@@ -280,6 +280,8 @@ def test_missing_serving_packages_are_named(monkeypatch):
     with pytest.raises(ImportError, match=r"needs fastapi, uvicorn, which are not installed; "
                                           r"pip install 'llava-ext\[serve\]'"):
         llava_ext.serve.transformers_serve_command()
+    with pytest.raises(SystemExit, match=r"^llava-ext serve: error: transformers serve needs fastapi, uvicorn"):
+        llava_ext.cli.main(["serve", "--help"])  # the CLI says it in one line, without a traceback
 
 
 def test_a_release_without_transformers_serve_is_named(monkeypatch):

@@ -24,7 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run transformers serve with the remaining arguments; exits as the command does (`--help` exits 0)."""
-    command = transformers_serve_command(epilog=f"\b\n{EXAMPLE}")  # \b: click keeps the example on one line
+    try:
+        command = transformers_serve_command(epilog=f"\b\n{EXAMPLE}")  # \b: click keeps the example on one line
+    except ImportError as error:  # serving packages or the serve command missing: one line, not a traceback
+        raise SystemExit(f"llava-ext serve: error: {error}") from None
     enable_transformers_serve()
     command.main(args=args.serve_args, prog_name="llava-ext serve")
     return 0
