@@ -512,6 +512,10 @@ def merge_lora(
 
 def _run_train(args: argparse.Namespace) -> int:
     train(*parse_config(args.config, args.overrides))
+    # Under torchrun / accelerate launch: tear the process group down before exit; gloo's threads left running at
+    # interpreter exit sometimes abort the process ("terminate called without an active exception", SIGABRT).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 
