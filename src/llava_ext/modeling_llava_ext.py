@@ -259,6 +259,7 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         )
         return states, tower_output
 
+    @_can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -267,7 +268,6 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         image_sizes: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         """Projected image features, with the vision tower's hidden states and attentions when asked for.
@@ -310,8 +310,7 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         if output.last_hidden_state is None:
             output.last_hidden_state = selected
         output.pooler_output = image_features
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
+        return output
 
     def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Boolean `(batch, seq)` mask of the image placeholder positions, from the ids or, failing those, the embeddings."""
