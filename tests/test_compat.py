@@ -65,3 +65,16 @@ def test_every_auto_class_of_stock_llava_resolves_to_ours():
         expected = "LlavaExtModel" if auto_class is transformers.AutoModel else "LlavaExtForConditionalGeneration"
         assert type(model).__name__ == expected, auto_class.__name__
     assert {auto_class.__name__ for auto_class in found} <= set(AUTO_MAP)  # saved checkpoints map them too
+
+
+def test_transformers_serve_internals_are_where_llava_ext_serve_reads_them():
+    """`llava-ext serve` imports these by name when it starts; a release that moves one must fail here, by name."""
+    import importlib
+
+    pytest.importorskip("fastapi", reason="transformers serve needs its `serving` extra (llava-ext[serve])")
+    serve_command = getattr(importlib.import_module(compat.SERVE_MODULE), "Serve", None)
+    assert serve_command is not None, f"{compat.SERVE_MODULE}.Serve is gone: update compat.SERVE_MODULE"
+    assert callable(getattr(importlib.import_module(compat.SERVER_MODULE), "build_server", None))
+    tables = importlib.import_module(compat.MODEL_TABLES_MODULE)
+    for name in compat.SERVE_MODEL_TABLES:
+        assert "llava" in getattr(tables, name), f"{compat.MODEL_TABLES_MODULE}.{name} no longer lists llava"

@@ -249,7 +249,7 @@ def serve_globals(monkeypatch):
     from transformers.cli.serving import server as server_module
     from transformers.models.auto import modeling_auto
 
-    for name in llava_ext.serve.SERVE_MODEL_TABLES:
+    for name in llava_ext.compat.SERVE_MODEL_TABLES:
         table = getattr(modeling_auto, name)
         monkeypatch.setattr(modeling_auto, name, type(table)(table))
     monkeypatch.setattr(server_module, "build_server", server_module.build_server)

@@ -64,6 +64,20 @@ CHECKPOINTING_ARG = next(name for name in CHECKPOINTING_ARGS if name in {f.name 
 # the hook would skip the override silently: tests/test_compat.py checks it exists with that argument.
 TRAIN_SAMPLER_HOOK = "_get_train_sampler"
 
+# `transformers serve` internals that llava_ext.serve reads; each is looked up by name (imported only when serving
+# starts, since serve's own dependencies are an extra), so a release that moves one fails in tests/test_serve.py and
+# tests/test_compat.py, not silently.
+# - The `serve` command: `transformers.cli.serve.Serve`, a class whose `__init__` arguments are the command's options
+#   (typer), on 5.17-5.24.
+SERVE_MODULE = "transformers.cli.serve"
+# - The model tables serve reads to load a model and to tell what a request may carry (transformers.models.auto.
+#   modeling_auto on 5.17-5.24): `_load_model` checks the model type in the first, `get_model_modality` the class name
+#   in both.
+MODEL_TABLES_MODULE = "transformers.models.auto.modeling_auto"
+SERVE_MODEL_TABLES = ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+# - `build_server(...) -> FastAPI`, imported from this module by `Serve.__init__` when the command runs (5.17-5.24).
+SERVER_MODULE = "transformers.cli.serving.server"
+
 
 def auto_model_classes_for(model_type: str) -> list[type]:
     """The top-level `AutoModel*` classes under which transformers registers `model_type` in the installed release.
@@ -111,6 +125,10 @@ __all__ = [
     "CACHE_KWARG",
     "CHECKPOINTING_ARG",
     "CHECKPOINTING_ARGS",
+    "MODEL_TABLES_MODULE",
+    "SERVER_MODULE",
+    "SERVE_MODEL_TABLES",
+    "SERVE_MODULE",
     "TRAIN_SAMPLER_HOOK",
     "BaseStreamer",
     "AutoImageProcessor",

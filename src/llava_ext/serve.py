@@ -29,6 +29,7 @@ import logging
 
 import transformers
 
+from .compat import MODEL_TABLES_MODULE, SERVE_MODEL_TABLES, SERVE_MODULE, SERVER_MODULE
 from .configuration_llava_ext import LlavaExtConfig
 from .modeling_llava_ext import LlavaExtForConditionalGeneration
 
@@ -37,19 +38,6 @@ logger = logging.getLogger(__name__)
 # What `transformers serve` needs beyond transformers itself: its `serving` extra (5.17-5.24) less torch and
 # accelerate, which llava_ext requires anyway. `is_serve_available()` checks the first four.
 SERVE_REQUIREMENTS = ("fastapi", "uvicorn", "pydantic", "openai", "starlette")
-
-# transformers internals that serve reads; each is looked up by name, so a release that moves one fails in
-# tests/test_serve.py, not silently.
-# - The `serve` command: `transformers.cli.serve.Serve`, a class whose `__init__` arguments are the command's options
-#   (typer), on 5.17-5.24.
-SERVE_MODULE = "transformers.cli.serve"
-# - The model tables serve reads to load a model and to tell what a request may carry (transformers.models.auto.
-#   modeling_auto on 5.17-5.24): `_load_model` checks the model type in the first, `get_model_modality` the class name
-#   in both.
-MODEL_TABLES_MODULE = "transformers.models.auto.modeling_auto"
-SERVE_MODEL_TABLES = ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
-# - `build_server(...) -> FastAPI`, imported from this module by `Serve.__init__` when the command runs (5.17-5.24).
-SERVER_MODULE = "transformers.cli.serving.server"
 
 
 def _missing_requirements() -> list[str]:
