@@ -522,10 +522,10 @@ def test_greedy_answers_alone_equal_answers_in_a_left_padded_batch(models, proce
 
 def run_cli(models, processor, monkeypatch, capsys, stdin, *flags) -> tuple[int, str, str]:
     """`llava-ext chat` in this process on the tiny model (so a test can send it Ctrl-C): exit code, stdout, stderr."""
-    import llava_ext.chat
+    import llava_ext.cli.chat
     from llava_ext.cli import build_parser
 
-    monkeypatch.setattr(llava_ext.chat, "load_model_and_processor", lambda *args: (models[1], processor))
+    monkeypatch.setattr(llava_ext.cli.chat, "load_model_and_processor", lambda *args: (models[1], processor))
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
     args = build_parser().parse_args(["chat", "tiny", "--no-compile", "--max-new-tokens", str(MAX_NEW_TOKENS), *flags])
     code = args.func(args)

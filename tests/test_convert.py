@@ -401,11 +401,3 @@ def test_offline_hub_id_gives_a_clear_error(tmp_path, monkeypatch):
     assert message.startswith("llava-ext convert: error: The checkpoint 'nobody-here/no-such-llava' is not a local")
     assert "could not be downloaded from the Hub" in message and "Traceback" not in message
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("command", ["convert", "export"])
-def test_help_ends_with_an_example(command, capsys):
-    with pytest.raises(SystemExit):
-        main([command, "--help"])
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line.strip().startswith(f"llava-ext {command} ")

@@ -36,8 +36,9 @@ from conftest import tiny_llava_config
 from test_data import make_processor
 from transformers import AutoModelForImageTextToText, LlamaConfig, TrainingArguments
 
-import llava_ext.convert as convert
 import llava_ext.convert.io as convert_io
+import llava_ext.convert.to_llava_ext as to_llava_ext
+import llava_ext.convert.to_stock as to_stock
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
 from llava_ext.cli import main
 from llava_ext.convert import convert_checkpoint, export_checkpoint
@@ -312,6 +313,12 @@ def kill_at_tensor(n: int) -> None:
     convert_io._write_safetensors_file = write
 
 
+def kill_before_model_card() -> None:
+    """In the child: SIGKILL when convert or export starts the model card (weights, config and processor written)."""
+    for module in (to_llava_ext, to_stock):
+        module.model_card = lambda *args, **kwargs: die()
+
+
 def kill_at_rename(n: int) -> None:
     """In the child: SIGKILL at the n-th `os.replace` (1: the new directory is complete, 2: the old one is aside)."""
     real, count = os.replace, [0]
@@ -387,8 +394,7 @@ def old_output(parent: Path) -> dict[str, bytes]:
 
 KILL_POINTS = {  # name -> (tools, child setup, what is left without --overwrite, with it)
     "mid-weights": (("convert", "export"), lambda: kill_at_tensor(30), "absent | partial", "old | partial"),
-    "before-model-card": (("convert", "export"), lambda: setattr(convert, "_model_card", lambda *a, **k: die()),
-                          "absent | partial", "old | partial"),
+    "before-model-card": (("convert", "export"), kill_before_model_card, "absent | partial", "old | partial"),
     "mid-merged-weights": (("merge-lora",), kill_when_saving_merged_weights, "absent | partial", "old | partial"),
     "before-processor": (("merge-lora",), lambda: setattr(LlavaExtProcessor, "save_pretrained", lambda *a, **k: die()),
                          "absent | partial", "old | partial"),

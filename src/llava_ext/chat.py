@@ -1,4 +1,4 @@
-"""Multi-turn chat over a LLaVA model that reuses the conversation's KV cache, and the `llava-ext chat` command.
+"""Multi-turn chat over a LLaVA model that reuses the conversation's KV cache (`llava-ext chat` is `cli/chat.py`).
 
 Each turn renders the whole conversation with the processor's chat template, but only the tokens the cache has not
 seen go through the model: the image features of earlier turns live in the cache as keys and values, so a follow-up
@@ -27,9 +27,7 @@ forgotten with its question, its generation thread stopped first. `benchmarks/so
 per turn over hundreds of turns.
 """
 
-import argparse
 import contextlib
-import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -41,7 +39,7 @@ from transformers import (
     DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, logging,
 )
 
-from .compat import CACHE_KWARG, CompileConfig, load_image
+from .compat import CACHE_KWARG, CompileConfig
 
 logger = logging.get_logger(__name__)
 
@@ -566,55 +564,9 @@ class ChatSession:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# `llava-ext chat`
+# Loading a checkpoint (`llava-ext chat` is `cli/chat.py`)
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXAMPLE = (
-    "example: llava-ext chat llava-hf/llava-1.5-7b-hf --image https://llava-vl.github.io/static/images/view.jpg "
-    "--max-new-tokens 256 --temperature 0 --device cuda --dtype float16"
-)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the `chat` subcommand to `llava-ext`'s subparsers."""
-    parser = subparsers.add_parser(
-        "chat",
-        help="chat with a LLaVA model in the terminal (streaming, multi-turn, KV cache reused between turns)",
-        description=(
-            "Interactive chat: type a question and press Enter; the answer streams as it is generated.\n"
-            "Commands: '/image PATH_OR_URL' adds an image to the next question, '/reset' starts a new conversation,\n"
-            "'/exit' quits. Ctrl-C stops an answer (its question is forgotten); at the prompt it quits.\n"
-            "Questions can come from a pipe too, one a line."
-        ),
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the example on one line
-    )
-    parser.add_argument("model", metavar="MODEL", help="local checkpoint directory or Hugging Face Hub id")
-    parser.add_argument("--image", action="append", default=[], help="image path or URL for the first question")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights' dtype (auto: the checkpoint's)")
-    parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="compile the decode step (static cache; the first answer pays the warm-up). Default: on, except on a "
-        "CPU without free memory for the compiled step's pre-packed copy of the weights",
-    )
-    parser.add_argument(
-        "--max-context", type=int, default=None,
-        help="context limit in tokens, prompt and answer (default: the model's max_position_embeddings)",
-    )
-    parser.add_argument(
-        "--on-context-full", choices=["drop_oldest", "error"], default="drop_oldest",
-        help="when a question does not fit: forget the oldest turns (default, with a note) or refuse it",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="run code shipped with a checkpoint (not needed for llava_ext's own checkpoints)",
-    )
-    parser.set_defaults(func=run_chat)
-    return parser
 
 
 def load_model_and_processor(
@@ -655,79 +607,8 @@ def load_model_and_processor(
     return model, processor
 
 
-def run_chat(args: argparse.Namespace) -> int:
-    """The `llava-ext chat` loop: questions from stdin, streamed answers to stdout, errors to stderr."""
-    model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.trust_remote_code)
-    session = ChatSession(
-        model, processor, system=args.system, compile=args.compile, max_context=args.max_context,
-        on_context_full=args.on_context_full,
-    )
-    generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        generate_kwargs["temperature"] = args.temperature
-    interactive = sys.stdin.isatty()
-    pending = []
-    for path in args.image:
-        pending.append(load_image(path))
-    if interactive:
-        print("Type a question; /image PATH adds an image, /reset starts over, /exit quits.", file=sys.stderr)
-        if session.compile:
-            print("The first answer also compiles the decode step (a one-off wait; --no-compile skips it).",
-                  file=sys.stderr)
-    while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        try:
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, without a traceback
-            print(file=sys.stderr)
-            return 130
-        if not line:  # end of input
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            session.reset()
-            pending = []
-            print("[conversation reset]", file=sys.stderr)
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image") :].strip()
-            try:
-                pending.append(load_image(path))
-            except Exception as error:  # a bad path must not end the chat
-                print(f"could not load image {path!r}: {error}", file=sys.stderr)
-            continue
-        answer = None
-        try:
-            answer = session.ask(line, images=pending, stream=True, **generate_kwargs)
-            if session.dropped_turns:
-                print(f"[context full: forgot the oldest {session.dropped_turns} turn(s)]", file=sys.stderr)
-            for chunk in answer:
-                print(chunk, end="", flush=True)
-        except KeyboardInterrupt:  # Ctrl-C during an answer ends the answer, not the chat
-            if answer is not None:
-                answer.close()  # stops the generation thread; the question is forgotten
-            print(flush=True)
-            print("[answer interrupted; the question was left out of the conversation]", file=sys.stderr)
-            continue
-        except ValueError as error:
-            print(f"\nerror: {error}", file=sys.stderr)
-            if isinstance(error, ContextFullError) and not error.question_alone:
-                print("[type /reset to start a new conversation, or chat with --on-context-full drop_oldest]",
-                      file=sys.stderr)
-            continue
-        finally:
-            pending = []
-        print(flush=True)
-    return 0
-
-
 __all__ = [
-    "CACHE_BLOCK", "ChatSession", "ContextFullError", "add_parser", "compile_memory_shortfall", "decode_compile_config",
-    "decode_compile_settings", "load_model_and_processor", "new_static_cache", "run_chat", "truncate_cache",
+    "CACHE_BLOCK", "ChatSession", "ContextFullError", "compile_memory_shortfall", "decode_compile_config",
+    "decode_compile_settings", "load_model_and_processor", "new_static_cache", "truncate_cache",
     "UnpinnedStaticCache",
 ]

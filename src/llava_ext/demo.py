@@ -10,7 +10,6 @@ Everything runs through the library's public path: `LlavaConversationDataset`, `
 The stage-2 recipe is also in `configs/demo-shapes.yaml`, to rerun by hand on the generated data.
 """
 
-import argparse
 import json
 import math
 import random
@@ -321,40 +320,9 @@ def _run_demo_steps(output_dir: Path, settings: DemoSettings) -> DemoResult:
     )
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    result = run_demo(args.output_dir, quick=args.quick, show_progress=not args.no_progress)
-    print(f"\nSample answers from {result.output_dir} (reloaded with trust_remote_code=True):")
-    for question, expected, answer in result.samples:
-        print(f"  Q: {question:<36} expected: {expected:<9} model: {answer}")
-    print(
-        f"\nAccuracy on {result.num_questions} held-out questions: {result.accuracy:.1%} "
-        f"(chance {result.chance:.0%}); total time {result.seconds:.0f} s."
-    )
-    data = Path(result.output_dir).parent / "data"
-    print(f"Score it again with: llava-ext eval {result.output_dir} --data {data / 'heldout.jsonl'}")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add the `demo` subcommand."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="train a tiny LLaVA on generated shapes, offline, in minutes on CPU",
-        description="Draw a synthetic shapes dataset, train a tiny LLaVA (stage 1 then stage 2) with Trainer, reload "
-        "it with AutoModelForImageTextToText(trust_remote_code=True) and report held-out accuracy. No downloads.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  llava-ext demo --output-dir llava-ext-demo",
-    )
-    parser.add_argument("--quick", action="store_true", help="a shortened run for CI (under a minute)")
-    parser.add_argument("--output-dir", default="llava-ext-demo", help="where data and checkpoints go")
-    parser.add_argument("--no-progress", action="store_true", help="hide Trainer's progress bars")
-    parser.set_defaults(func=_run_demo)
-
-
 __all__ = [
     "DemoResult",
     "DemoSettings",
-    "add_parser",
     "build_processor",
     "build_tiny_llava",
     "draw_shape",

@@ -1,5 +1,5 @@
-"""LLaVA fine-tuning with transformers' `Trainer`: argument dataclasses, freezing, LoRA, and the `train` /
-`merge-lora` commands.
+"""LLaVA fine-tuning with transformers' `Trainer`: argument dataclasses, freezing, LoRA and merging it back (the
+`llava-ext train` / `merge-lora` commands are `cli/train.py`).
 
 A run is one YAML recipe (keys of `ModelArguments`, `DataArguments` and every `TrainingArguments` field; data and
 model keys keep the original LLaVA script's names) plus command-line overrides:
@@ -19,7 +19,6 @@ it loads with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_co
 that includes the projector (`modules_to_save`).
 """
 
-import argparse
 import importlib.util
 import inspect
 import logging
@@ -510,57 +509,10 @@ def merge_lora(
     return str(output_dir)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    train(*parse_config(args.config, args.overrides))
-    # Under torchrun / accelerate launch: tear the process group down before exit; gloo's threads left running at
-    # interpreter exit sometimes abort the process ("terminate called without an active exception", SIGABRT).
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-def _run_merge_lora(args: argparse.Namespace) -> int:
-    try:
-        merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model, overwrite=args.overwrite)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        raise SystemExit(f"llava-ext merge-lora: error: {error}") from None
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add the `train` and `merge-lora` subcommands."""
-    parser = subparsers.add_parser(
-        "train",
-        help="fine-tune a LLaVA model from a YAML recipe (Trainer; torchrun / accelerate launch work as is)",
-        description="Train with a YAML recipe from configs/; any ModelArguments, DataArguments or TrainingArguments "
-        "key can be overridden as --key value.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  llava-ext train configs/finetune.yaml --model_name_or_path out/stage1 "
-        "--data_path data/llava_v1_5_mix665k.json --image_folder data/images --output_dir out/stage2",
-    )
-    parser.add_argument("config", help="YAML recipe, e.g. configs/pretrain-projector.yaml")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the recipe")
-    parser.set_defaults(func=_run_train)
-
-    merge = subparsers.add_parser(
-        "merge-lora",
-        help="merge a LoRA adapter (and its projector) into a full checkpoint",
-        description="Fold a LoRA run's adapter into its base model and save a full checkpoint with the processor.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  llava-ext merge-lora out/lora out/merged",
-    )
-    merge.add_argument("adapter_dir", help="output_dir or checkpoint-N of a run with lora_enable: true")
-    merge.add_argument("output_dir", help="where the merged checkpoint is written (must not exist unless --overwrite)")
-    merge.add_argument("--base-model", default=None, help="base checkpoint (default: the adapter's own record)")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing output_dir once merged")
-    merge.set_defaults(func=_run_merge_lora)
-
-
 __all__ = [
     "DataArguments",
     "LlavaExtTrainer",
     "ModelArguments",
-    "add_parser",
     "apply_lora",
     "build_trainer",
     "freeze_parameters",

@@ -32,6 +32,7 @@ from ..compat import custom_object_save
 from ..image_processing_llava_ext import LlavaExtImageProcessor
 from ..modeling_llava_ext import AUTO_MAP
 from ..processing_llava_ext import LlavaExtProcessor
+from .hub import push_to_hub
 from .io import atomic_directory, check_output_free, clean_interrupted_writes, read_json, resolve_source
 
 logger = logging.get_logger(__name__)
@@ -122,10 +123,10 @@ def refresh_checkpoint_code(
             staged = Path(staging) / str(checkpoint).rsplit("/", 1)[-1]
             # hard links to the cache's blobs where $TMPDIR shares its filesystem, copies otherwise
             _write_refreshed(src_dir, staged, overwrite=False, link=True)
-            _push(staged, push_to_hub_repo, private, revision)
+            push_to_hub(staged, push_to_hub_repo, private=private, revision=revision)
         return None
     if push_to_hub_repo:
-        _push(result, push_to_hub_repo, private, revision)
+        push_to_hub(result, push_to_hub_repo, private=private, revision=revision)
     return result
 
 
@@ -282,12 +283,6 @@ def _link_or_copy(src: str, dst: str) -> str:
     except OSError:
         shutil.copy2(src, dst)
     return dst
-
-
-def _push(out_dir: Path, repo_id: str, private: bool, revision: str | None) -> None:
-    from . import push_to_hub  # the package's __init__ defines it and imports this module
-
-    push_to_hub(out_dir, repo_id, private=private, revision=revision)
 
 
 __all__ = ["refresh_checkpoint_code"]

@@ -2,11 +2,12 @@
 
 import argparse
 
-from .chat import DTYPES
-from .evaluate import EvalResult, Score, evaluate_checkpoint, write_predictions
+from ..chat import DTYPES
+from ..evaluate import EvalResult, Score, evaluate_checkpoint, write_predictions
+from . import add_subcommand
 
 EXAMPLE = (
-    "example:\n  llava-ext eval ./llava-ext-demo/final --data ./llava-ext-demo/data/heldout.jsonl "
+    "llava-ext eval ./llava-ext-demo/final --data ./llava-ext-demo/data/heldout.jsonl "
     "--batch-size 16 --max-new-tokens 8 --output predictions.jsonl"
 )
 DATA_FORMAT = (
@@ -33,7 +34,7 @@ def format_result(result: EvalResult) -> str:
     ])
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate_checkpoint(
             args.checkpoint, args.data, args.batch_size, args.max_new_tokens, device=args.device, dtype=args.dtype,
@@ -52,13 +53,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Add the `eval` subcommand."""
-    parser = subparsers.add_parser(
-        "eval",
+    parser = add_subcommand(
+        subparsers, "eval", example=EXAMPLE,
         help="score a checkpoint's answers to image questions (exact match, contains-answer)",
         description="Answer every question of a JSONL file greedily, in batches, and report exact-match and "
         "contains-answer accuracy with 95% confidence intervals.\n\n" + DATA_FORMAT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXAMPLE,
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or Hub id (model and processor)")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl", help="the questions (format above)")
@@ -72,7 +71,7 @@ def add_parser(subparsers) -> None:
         "--trust-remote-code", action="store_true",
         help="run code shipped with a checkpoint (not needed for llava_ext's own checkpoints)",
     )
-    parser.set_defaults(func=_run_eval)
+    parser.set_defaults(func=run)
 
 
-__all__ = ["add_parser", "format_result", "format_score"]
+__all__ = ["add_parser", "format_result", "format_score", "run"]

@@ -2,7 +2,7 @@
 
 import argparse
 
-from .serve import enable_transformers_serve, transformers_serve_command
+from ..serve import enable_transformers_serve, transformers_serve_command
 
 EXAMPLE = "example: llava-ext serve ./llava-v1.5-7b-ext --host 127.0.0.1 --port 8000 --device cuda:0 --dtype float16"
 
@@ -18,11 +18,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         add_help=False,
     )
     parser.add_argument("serve_args", nargs=argparse.REMAINDER, metavar="CHECKPOINT [OPTIONS]")
-    parser.set_defaults(func=run_serve)
+    parser.set_defaults(func=run)
     return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run transformers serve with the remaining arguments; exits as the command does (`--help` exits 0)."""
     try:
         command = transformers_serve_command(epilog=f"\b\n{EXAMPLE}")  # \b: click keeps the example on one line
@@ -33,4 +33,4 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EXAMPLE", "add_parser", "run_serve"]
+__all__ = ["EXAMPLE", "add_parser", "run"]
