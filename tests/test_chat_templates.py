@@ -19,34 +19,40 @@ CONVERSATION = [
 ]
 ANSWERED = CONVERSATION + [{"role": "assistant", "content": "On a mat."}]
 
-# Written from each format's published definition, with add_generation_prompt=True after CONVERSATION.
+# Written from each format's published definition, with add_generation_prompt=True after CONVERSATION. The formats
+# that start with a BOS token show it (ChatML has none): the tiny tokenizer's "<s>" is also Vicuna's and Mistral's BOS;
+# Llama 3 is rendered with its own, "<|begin_of_text|>" (RENDER_KWARGS).
 GOLDEN = {
-    # LLaVA conv_vicuna_v1: system + " ", "USER: ... ASSISTANT: answer</s>", images as "<image>\n"
-    "llava-1.5": "A chat. USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Where? ASSISTANT:",
-    # Mistral instruct, system folded into the first [INST]
-    "mistral": "[INST] A chat.\n\n<image>\nWhat is it? [/INST] A cat.</s>[INST] Where? [/INST]",
+    # LLaVA conv_vicuna_v1: <s>, system + " ", "USER: ... ASSISTANT: answer</s>", images as "<image>\n"
+    "llava-1.5": "<s>A chat. USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Where? ASSISTANT:",
+    # Mistral instruct: "<s>[INST] Instruction [/INST] Model answer</s>[INST] ...", system folded into the first [INST]
+    "mistral": "<s>[INST] A chat.\n\n<image>\nWhat is it? [/INST] A cat.</s>[INST] Where? [/INST]",
     "chatml": (
         "<|im_start|>system\nA chat.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
         "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n"
     ),
     "llama-3": (
-        "<|start_header_id|>system<|end_header_id|>\n\nA chat.<|eot_id|>"
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nWhere?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
 }
+RENDER_KWARGS = {"llama-3": {"bos_token": "<|begin_of_text|>"}}  # the tiny tokenizer's BOS is "<s>"
+
+# Exactly one BOS in the ids: the template's where it renders one, else the one the tiny tokenizer adds (ChatML).
+RENDERS_BOS = {"llava-1.5", "mistral", "llama-3"}
 
 # ANSWERED rendered, cut into (text, is_assistant) pieces: the mask must be 1 on exactly the second kind.
 IMG = "<image>" * TOKENS_PER_IMAGE
 MASK_SEGMENTS = {
     "llava-1.5": [
-        (f"A chat. USER: {IMG}\nWhat is it? ASSISTANT: ", 0), ("A cat.</s>", 1),
+        (f"<s>A chat. USER: {IMG}\nWhat is it? ASSISTANT: ", 0), ("A cat.</s>", 1),
         ("USER: Where? ASSISTANT: ", 0), ("On a mat.</s>", 1),
     ],
     "mistral": [
-        (f"[INST] A chat.\n\n{IMG}\nWhat is it? [/INST] ", 0), ("A cat.</s>", 1),
+        (f"<s>[INST] A chat.\n\n{IMG}\nWhat is it? [/INST] ", 0), ("A cat.</s>", 1),
         ("[INST] Where? [/INST] ", 0), ("On a mat.</s>", 1),
     ],
     "chatml": [
@@ -55,7 +61,7 @@ MASK_SEGMENTS = {
         ("\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n", 0), ("On a mat.<|im_end|>", 1), ("\n", 0),
     ],
     "llama-3": [
-        (f"<|start_header_id|>system<|end_header_id|>\n\nA chat.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        (f"<s><|start_header_id|>system<|end_header_id|>\n\nA chat.<|eot_id|><|start_header_id|>user<|end_header_id|>"
          f"\n\n{IMG}\nWhat is it?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", 0),
         ("A cat.<|eot_id|>", 1),
         ("<|start_header_id|>user<|end_header_id|>\n\nWhere?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", 0),
@@ -78,13 +84,15 @@ def test_every_bundled_template_is_tested():
 
 @pytest.mark.parametrize("name", list(GOLDEN))
 def test_template_renders_its_published_format(name):
-    assert make_processor(name).apply_chat_template(CONVERSATION, add_generation_prompt=True) == GOLDEN[name]
+    processor = make_processor(name)
+    rendered = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True, **RENDER_KWARGS.get(name, {}))
+    assert rendered == GOLDEN[name]
 
 
 def test_llava_15_is_the_default_and_names_work_per_call():
     processor = make_processor()
     assert processor.apply_chat_template(CONVERSATION[1:], add_generation_prompt=True) == (
-        "USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Where? ASSISTANT:"
+        "<s>USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Where? ASSISTANT:"
     )
     rendered = processor.apply_chat_template(CONVERSATION, chat_template="chatml", add_generation_prompt=True)
     assert rendered == GOLDEN["chatml"]
@@ -95,7 +103,7 @@ def test_images_render_where_they_stand():
         {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": " and"}, {"type": "image"},
     ]}]
     assert make_processor().apply_chat_template(message, add_generation_prompt=True) == (
-        "USER: Compare<image>\n and<image>\n ASSISTANT:"
+        "<s>USER: Compare<image>\n and<image>\n ASSISTANT:"
     )
 
 
@@ -112,11 +120,12 @@ def test_assistant_mask_covers_exactly_the_answers(name):
         ANSWERED, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
     tokenizer = processor.tokenizer
-    expected_ids, expected_mask = [BOS_ID], [0]
+    expected_ids, expected_mask = ([], []) if name in RENDERS_BOS else ([BOS_ID], [0])
     for text, is_answer in MASK_SEGMENTS[name]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         expected_ids += ids
         expected_mask += [is_answer] * len(ids)
     assert out["input_ids"][0].tolist() == expected_ids
+    assert expected_ids[0] == BOS_ID and expected_ids.count(BOS_ID) == 1
     assert out["assistant_masks"][0].tolist() == expected_mask
     assert out["pixel_values"].shape == (1, 3, 32, 32)

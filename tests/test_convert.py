@@ -251,7 +251,7 @@ def test_original_checkpoint_converts_with_logit_parity(original_checkpoint, tmp
     result = run_without_llava_ext(tmp_path, out, image, PROMPT)
     assert result["module"].startswith("transformers_modules.")
     assert result["processor_module"].startswith("transformers_modules.") and result["processor"] == "LlavaExtProcessor"
-    assert result["chat"] == "USER: <image>\nHi ASSISTANT:"  # LLaVA-1.5's conv_vicuna_v1 turn, no system prompt
+    assert result["chat"] == "<s>USER: <image>\nHi ASSISTANT:"  # LLaVA-1.5's conv_vicuna_v1 turn, no system prompt
     assert [i for i in result["input_ids"] if i != result["image_token_id"]] == expected_ids
     torch.testing.assert_close(result["pixel_values"], expected_pixels, rtol=0, atol=1e-5)
     diff = (result["logits"][:ORIGINAL_VOCAB] - expected_logits).abs().max().item()
@@ -401,3 +401,26 @@ def test_offline_hub_id_gives_a_clear_error(tmp_path, monkeypatch):
     assert message.startswith("llava-ext convert: error: The checkpoint 'nobody-here/no-such-llava' is not a local")
     assert "could not be downloaded from the Hub" in message and "Traceback" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["llava_ext", "stock"])
+def test_model_card_usage_runs_and_feeds_one_bos(llava_hf_checkpoint, tmp_path, monkeypatch, target):
+    """The usage example written into the model card runs as written (fp32 on CPU) on both checkpoint kinds."""
+    from llava_ext.convert.hub import USAGE_REMOTE_CODE, USAGE_STOCK
+
+    hf_dir, _ = llava_hf_checkpoint
+    ext_dir = tmp_path / "ext"
+    convert_checkpoint(hf_dir, ext_dir, progress=False)
+    checkpoint, usage = ext_dir, USAGE_REMOTE_CODE
+    if target == "stock":
+        assert main(["export", str(ext_dir), str(tmp_path / "stock")]) == 0
+        checkpoint, usage = tmp_path / "stock", USAGE_STOCK
+    monkeypatch.chdir(tmp_path)
+    wide_image().save("image.jpg")
+    code = usage.format(repo=str(checkpoint)).replace("torch.float16", "torch.float32")
+    namespace = {}
+    exec(compile(code, "model_card_usage", "exec"), namespace)  # noqa: S102 - our own card's text
+    ids = namespace["inputs"]["input_ids"][0].tolist()
+    bos = namespace["processor"].tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1  # the template's BOS, not a second one from the tokenizer
+    assert namespace["output"].shape[1] > len(ids)

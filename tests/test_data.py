@@ -57,14 +57,17 @@ SAMPLES = [
 
 
 def expected_ids_and_labels(rendered: str, answers: list[str], end: str) -> tuple[list[int], list[int]]:
-    """Char-level tokenization of `rendered` with `<image>` x NUM_PATCHES; labels keep answer + end marker chars."""
+    """Char-level tokenization of `rendered` with `<image>` x NUM_PATCHES; labels keep answer + end marker chars.
+
+    One BOS: the one the template renders ("<s>" first), else the one the tokenizer adds.
+    """
     trained = [False] * len(rendered)
     cursor = 0
     for answer in answers:
         start = rendered.index(answer + end, cursor)
         cursor = start + len(answer + end)
         trained[start:cursor] = [True] * (cursor - start)
-    ids, labels, position = [BOS_ID], [-100], 0
+    ids, labels, position = ([], [], 0) if rendered.startswith("<s>") else ([BOS_ID], [-100], 0)
     while position < len(rendered):
         special = next((s for s in SPECIAL_STRINGS if rendered.startswith(s, position)), None)
         if special == "<image>":
@@ -93,7 +96,9 @@ def test_collator_trains_exactly_the_answers_and_end_marker(template):
         answers = [m["content"][0]["text"] for m in sample["messages"] if m["role"] == "assistant"]
         ids, labels = expected_ids_and_labels(rendered, answers, END_OF_ANSWER[template])
         length = lengths[row]
+        assert rendered.startswith("<s>") == (template != "chatml")  # only ChatML has no BOS of its own
         assert batch["input_ids"][row, :length].tolist() == ids
+        assert ids[0] == BOS_ID and ids.count(BOS_ID) == 1
         assert batch["labels"][row, :length].tolist() == labels
         # right padding: pad ids, no attention, no loss
         assert batch["input_ids"][row, length:].eq(PAD_ID).all()

@@ -672,7 +672,8 @@ def expected_encoding(processor, template: str, messages: list) -> tuple[list[in
             start = rendered.index(span, cursor) + len(ANSWER_HEADER[template])
             cursor = start + len(text + END_OF_ANSWER[template])
             trained[start:cursor] = [True] * (cursor - start)
-    ids, labels, position = [BOS_ID], [IGNORE_INDEX], 0
+    # one BOS: the template's "<s>", or else the tokenizer's
+    ids, labels, position = [BOS_ID], [IGNORE_INDEX], len("<s>") if rendered.startswith("<s>") else 0
     while position < len(rendered):  # random text has no '<', so '<image>' and '</s>' come from the template only
         if rendered.startswith("<image>", position):
             ids += [IMAGE_TOKEN_ID] * COLLATOR_TOKENS_PER_IMAGE

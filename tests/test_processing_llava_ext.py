@@ -2,6 +2,7 @@
 
 import ast
 import json
+import string
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, PAD_ID, build_tiny_tokenizer, tiny_llava_config
-from transformers import LlavaImageProcessorPil, LlavaProcessor, pipeline
+from conftest import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, build_tiny_tokenizer, tiny_llava_config
+from transformers import LlamaTokenizer, LlavaImageProcessorPil, LlavaProcessor, pipeline
 
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration, LlavaExtImageProcessor, LlavaExtProcessor
 
@@ -108,6 +109,100 @@ def test_apply_chat_template_tokenized_equals_transformers(tmp_path):
     assert (actual["input_ids"] == IMAGE_TOKEN_ID).sum() == 32
 
 
+BOS_LINE = "{%- if bos_token -%}{{- bos_token -}}{%- endif -%}\n"  # how the bundled templates render the BOS
+
+
+def test_a_rendered_bos_is_the_only_bos_as_transformers_gives_without_it():
+    ours, reference = processors()
+    expected = reference(images=batch_images(), text=BATCH_TEXT, padding=True, return_tensors="pt")
+    rendered = ["<s>" + text for text in BATCH_TEXT]  # as the llava-1.5 template renders them
+    doubled = reference(images=batch_images(), text=rendered, padding=True, return_tensors="pt")
+    assert doubled["input_ids"].eq(BOS_ID).sum(dim=1).tolist() == [2, 2]  # LlavaProcessor adds a second BOS
+    for texts, kwargs in [
+        (rendered, {}),
+        ([rendered[0], BATCH_TEXT[1]], {}),  # one BOS rendered, one left to the tokenizer
+        (rendered, {"add_special_tokens": True}),
+        (rendered, {"add_special_tokens": False}),  # as TRL and apply_chat_template(tokenize=True) call it
+        (rendered, {"text_kwargs": {"add_special_tokens": False}}),
+    ]:
+        actual = ours(images=batch_images(), text=texts, padding=True, return_tensors="pt", **kwargs)
+        assert set(actual) == set(expected)
+        for key in expected:
+            assert torch.equal(actual[key], expected[key]), (texts, kwargs, key)
+    assert actual["input_ids"].eq(BOS_ID).sum(dim=1).tolist() == [1, 1]
+    # add_special_tokens=False with the BOS on one sample only: read literally, as LlavaProcessor reads it
+    mixed = dict(text=[rendered[0], BATCH_TEXT[1]], padding=True, return_tensors="pt", add_special_tokens=False)
+    actual, literal = ours(images=batch_images(), **mixed), reference(images=batch_images(), **mixed)
+    assert torch.equal(actual["input_ids"], literal["input_ids"])
+    assert actual["input_ids"].eq(BOS_ID).sum(dim=1).tolist() == [1, 0]
+
+
+def test_offsets_of_a_rendered_bos_sample_index_the_text_as_given():
+    ours, reference = processors()
+    texts = ["<s>USER: Hi", "USER: Yo!"]
+    for return_tensors in (None, "pt"):
+        out = ours(text=texts, padding=True, return_offsets_mapping=True, return_tensors=return_tensors)
+        for text, offsets in zip(texts, out["offset_mapping"]):
+            pieces = [text[start:end] for start, end in offsets if end > start]
+            assert pieces == list(text.removeprefix("<s>")), return_tensors  # one character token each
+    literal = reference(text=texts[0], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][0]
+    assert literal[0] == (0, 3)  # the "<s>" written in the text; here the tokenizer's BOS, zero-width
+    assert ours(text=texts[0], return_offsets_mapping=True)["offset_mapping"][0] == [(0, 0)] + literal[1:]
+
+
+def test_a_tokenizer_that_adds_no_bos_reads_a_rendered_bos_as_is():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = None  # no BOS of its own, as e.g. add_bos_token=False
+    ours = LlavaExtProcessor(LlavaExtImageProcessor(**SETTINGS), tokenizer, **CLIP)
+    reference = LlavaProcessor(LlavaImageProcessorPil(**SETTINGS), tokenizer, **CLIP)
+    for text in ("<s>USER: Hi", "USER: Hi"):
+        assert ours(text=text)["input_ids"] == reference(text=text)["input_ids"]
+    assert ours(text="<s>USER: Hi")["input_ids"][0][:2] == [BOS_ID, 5 + string.printable.index("U")]
+
+
+def metaspace_first_tokenizer() -> LlamaTokenizer:
+    """transformers' LlamaTokenizer with `legacy=False` over single characters: it writes the word-start marker '▁'
+    only at the very start of a text (Metaspace prepend_scheme="first"), so "<s>USER" read literally loses it."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4}
+    vocab.update({char: len(vocab) + index for index, char in enumerate(string.printable[:95] + "\n▁")})
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], legacy=False, add_bos_token=True, pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def test_a_rendered_bos_keeps_the_first_words_marker_that_literal_tokenization_drops():
+    tokenizer = metaspace_first_tokenizer()
+    ours = LlavaExtProcessor(LlavaExtImageProcessor(**SETTINGS), tokenizer, **CLIP)
+    reference = LlavaProcessor(LlavaImageProcessorPil(**SETTINGS), tokenizer, **CLIP)
+    bos, marker, u = tokenizer.convert_tokens_to_ids(["<s>", "▁", "U"])
+    text = "USER: <image>\nHi ASSISTANT:"
+    expected = reference(images=image(0), text=text)["input_ids"]
+    assert expected[0][:3] == [bos, marker, u]  # the BOS the tokenizer adds, then "▁USER"
+    literal = reference(images=image(0), text="<s>" + text, add_special_tokens=False)["input_ids"]
+    assert literal[0][:2] == [bos, u]  # LlavaProcessor on the rendered BOS: "USER" without its "▁"
+    for kwargs in ({}, {"add_special_tokens": False}):
+        assert ours(images=image(0), text="<s>" + text, **kwargs)["input_ids"] == expected, kwargs
+
+    # training (apply_chat_template's ids and mask) and chat (processor(text=rendered)) agree with the template
+    # without a BOS line, on which LlavaProcessor leaves the BOS to the tokenizer
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+    ]
+    assert ours.chat_template.count(BOS_LINE) == 1
+    reference.chat_template = ours.chat_template.replace(BOS_LINE, "")
+    kwargs = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    actual = ours.apply_chat_template(conversation, **kwargs)
+    expected = reference.apply_chat_template(conversation, **kwargs)
+    assert actual["input_ids"] == expected["input_ids"] and actual["input_ids"][0][:3] == [bos, marker, u]
+    assert actual["assistant_masks"] == expected["assistant_masks"]
+    answer = [i for i, masked in zip(actual["input_ids"][0], actual["assistant_masks"][0]) if masked]
+    assert tokenizer.decode(answer) == "Yes.</s>"
+    rendered = ours.apply_chat_template(conversation)
+    assert rendered.startswith("<s>USER: ")
+    assert ours(text=rendered)["input_ids"] == actual["input_ids"]
+
+
 def test_marker_image_count_mismatch_names_both_counts():
     ours, _ = processors()
     with pytest.raises(ValueError, match=r"2 '<image>' markers \(per sample: \[1, 1\]\) but 1 images were given"):
@@ -149,7 +244,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     checkpoint, out_path = sys.argv[1:]
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
     pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
-    out = processor(images=PIL.Image.fromarray(pixels), text="USER: <image>\\nHi ASSISTANT:")
+    out = processor(images=PIL.Image.fromarray(pixels), text="<s>USER: <image>\\nHi ASSISTANT:")  # one BOS, as below
     try:
         processor(images=[], text="<image>")
         error = None

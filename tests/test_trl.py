@@ -5,10 +5,11 @@ falls, LoRA works, and what `save_model` writes reloads with `trust_remote_code=
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
 import torch
-from conftest import BOS_ID, needs_image_assistant_masks, tiny_llava_config
+from conftest import BOS_ID, IMAGE_TOKEN_ID, NUM_PATCHES, needs_image_assistant_masks, tiny_llava_config
 from PIL import Image
 from test_data import make_processor
 
@@ -140,15 +141,8 @@ def test_full_finetuning_labels_match_the_collator_loss_falls_and_reloads(tmp_pa
 
     ours = LlavaExtDataCollator(processor)(collator_samples())
     batch = batches[0]
-    assert ours["input_ids"][:, 0].eq(BOS_ID).all()
-    if not batch["input_ids"][:, 0].eq(BOS_ID).any():  # TRL tokenizes without the BOS (test_sft_batch_starts_with_bos)
-        ours = {key: value[:, 1:] if value.dim() == 2 else value for key, value in ours.items()}
-    assert batch.keys() >= {"input_ids", "attention_mask", "labels", "pixel_values"}
-    for key in ("input_ids", "attention_mask", "labels"):
+    for key in ("input_ids", "attention_mask", "labels"):  # more in test_sft_batch_has_one_bos_and_equals_the_collator
         assert torch.equal(batch[key], ours[key]), key
-    torch.testing.assert_close(batch["pixel_values"], ours["pixel_values"])
-    # the answers and their "</s>" are all that is trained on: "red</s>" (4 tokens), "blue</s>" (5 tokens)
-    assert batch["labels"].ne(-100).sum(dim=1).tolist() == [4, 5]
 
     assert losses[-1] < 0.5 * losses[0], losses  # the same two conversations every step
 
@@ -161,16 +155,24 @@ def test_full_finetuning_labels_match_the_collator_loss_falls_and_reloads(tmp_pa
 
 
 @needs_image_assistant_masks
-@pytest.mark.xfail(
-    strict=True,
-    reason="TRL's collator tokenizes with add_special_tokens=False and the bundled chat templates leave BOS to the "
-    "tokenizer, so TRL trains without the <s> that inference and LlavaExtDataCollator put first",
-)
-def test_sft_batch_starts_with_bos(tmp_path):
-    _, _, batches, _ = train_and_capture(
+def test_sft_batch_has_one_bos_and_equals_the_collator(tmp_path):
+    # TRL tokenizes with add_special_tokens=False: the BOS is the one the chat template renders
+    _, processor, batches, _ = train_and_capture(
         tiny_model(), sft_config(tmp_path / "out", max_steps=1, assistant_only_loss=True)
     )
-    assert batches[0]["input_ids"][:, 0].eq(BOS_ID).all()
+    batch = batches[0]
+    assert batch["input_ids"][:, 0].eq(BOS_ID).all() and batch["input_ids"].eq(BOS_ID).sum(dim=1).tolist() == [1, 1]
+    ours = LlavaExtDataCollator(processor)(collator_samples())
+    assert batch.keys() >= {"input_ids", "attention_mask", "labels", "pixel_values"}
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(batch[key], ours[key]), key
+    torch.testing.assert_close(batch["pixel_values"], ours["pixel_values"])
+    # the answers and their "</s>" are all that is trained on: "red</s>" (4 tokens), "blue</s>" (5 tokens)
+    assert batch["labels"].ne(-100).sum(dim=1).tolist() == [4, 5]
+    # Vicuna v1 for the first conversation, written out: one BOS, "USER: ", the image's tokens, question, answer
+    encode = partial(processor.tokenizer.encode, add_special_tokens=False)
+    expected = [BOS_ID, *encode("USER: "), *[IMAGE_TOKEN_ID] * NUM_PATCHES, *encode(f"\n{QUESTION} ASSISTANT: red</s>")]
+    assert batch["input_ids"][0, : len(expected)].tolist() == expected
 
 
 def test_lora_trains_and_the_adapter_reloads_without_llava_ext(tmp_path):

@@ -7,7 +7,7 @@
       |  each '<image>' -> (crop // patch_size)^2 + num_additional_image_tokens - (strategy == "default") copies
       |  check: at least one token per image, one image list per sample with as many images as its markers
       v
-    tokenizer -> input_ids, attention_mask
+    tokenizer -> input_ids, attention_mask                          (a text starting with "<s>": that one BOS only)
       |  check: every expanded image token survived truncation (else: raise max_length)
       v
     BatchFeature(input_ids, attention_mask, pixel_values[, mm_token_type_ids])
@@ -89,6 +89,41 @@ def _size_of(size) -> tuple[int, int] | None:
     return (height, width) if height and width else None
 
 
+def _requested_special_tokens(kwargs: dict) -> bool | None:
+    """The caller's `add_special_tokens` (top level or in `text_kwargs`); None when not given."""
+    if "add_special_tokens" in kwargs:
+        return kwargs["add_special_tokens"]
+    return (kwargs.get("text_kwargs") or {}).get("add_special_tokens")
+
+
+def _with_special_tokens(kwargs: dict) -> dict:
+    """`kwargs` with `add_special_tokens=True` where the caller had put `add_special_tokens`."""
+    if "add_special_tokens" in (kwargs.get("text_kwargs") or {}):
+        return {**kwargs, "text_kwargs": {**kwargs["text_kwargs"], "add_special_tokens": True}}
+    return {**kwargs, "add_special_tokens": True}
+
+
+def _shift_offsets(outputs, rows: list[bool], shift: int) -> None:
+    """Make the character offsets of `rows` (whose text lost its first `shift` characters) point into the caller's text.
+
+    Zero-width spans (the tokenizer's BOS, padding) stay as they are: no character of the text is theirs.
+    """
+    offsets = outputs.get("offset_mapping")
+    replacements = outputs.get("text_replacement_offsets")  # per sample: [{"span": .., "new_span": .., ...}, ...]
+    for row in [index for index, shifted in enumerate(rows) if shifted]:
+        if offsets is not None and hasattr(offsets[row], "shape"):  # a tensor or array: (seq, 2)
+            spans = offsets[row]
+            spans[spans[:, 1] > spans[:, 0]] += shift
+        elif offsets is not None:
+            offsets[row] = [(a + shift, b + shift) if b > a else (a, b) for a, b in offsets[row]]  # (start, end)
+        if replacements:
+            replacements[row] = [
+                {**item, "span": tuple(char + shift for char in item["span"]),
+                 "new_span": tuple(char + shift for char in item["new_span"])}
+                for item in replacements[row]
+            ]
+
+
 def image_assistant_masks_supported() -> bool:
     """Whether the installed transformers aligns assistant masks with expanded image tokens.
 
@@ -107,6 +142,9 @@ class LlavaExtProcessor(LlavaProcessor):
       and in `apply_chat_template(..., chat_template=name)`; every template marks answers with `{% generation %}`.
     - A mismatch between `<image>` markers and images, a missing `patch_size`, and truncation that would cut image
       tokens raise a `ValueError` naming the counts and the fix, before images are processed where possible.
+    - A text that starts with the tokenizer's `bos_token` (the "llava-1.5", "mistral" and "llama-3" templates render
+      it, so that callers tokenizing with `add_special_tokens=False`, like TRL, get it) is given exactly one BOS. See
+      `__call__` for where this differs from `LlavaProcessor`.
 
     Args:
         image_processor ([`LlavaExtImageProcessor`] or any image processor):
@@ -175,6 +213,59 @@ class LlavaExtProcessor(LlavaProcessor):
                 "after image-token expansion. Upgrade transformers (5.23 works), or mask without images."
             )
         return super().apply_chat_template(conversation, chat_template, **kwargs)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        r"""
+        [`LlavaProcessor.__call__`], except for texts that start with the tokenizer's `bos_token`, as the bundled
+        templates render them ("llava-1.5", "mistral", "llama-3"): such a sample is encoded as the BOS the tokenizer
+        adds followed by the ids of the rest of the text, i.e. exactly the ids `LlavaProcessor` gives for the text
+        without its leading BOS string:
+
+            "<s>USER: <image>\nHi ASSISTANT:"  ->  tokenizer("USER: <image x16>\nHi ASSISTANT:")  ->  [<s>, ...]
+
+        Differences from `LlavaProcessor` on the same text (identical ids everywhere else):
+
+        - `add_special_tokens` not given (or True), as in `processor(text=processor.apply_chat_template(...))`:
+          `LlavaProcessor` adds the tokenizer's BOS in front of the rendered one, two BOS; here one, per sample.
+        - `add_special_tokens=False` (TRL's collators, and `apply_chat_template(tokenize=True)`, which sets it when
+          the prompt starts with the BOS) and every sample starts with the BOS: `LlavaProcessor` tokenizes the text
+          literally. That is the same one BOS, and the same ids for most tokenizers; but a tokenizer that adds its
+          word-start marker only at the very start of a text (transformers' `LlamaTokenizer` with `legacy=False`:
+          Metaspace `prepend_scheme="first"`) then encodes the first word after the BOS without it ("USER" instead of
+          "▁USER"), unlike the ids the format was trained on; here the first word keeps it. A batch with the
+          BOS on some samples only is tokenized literally, as `LlavaProcessor` does (one tokenizer call cannot add a
+          BOS to some samples and not others).
+
+        Nothing changes when the tokenizer would not add exactly one BOS by itself (no `bos_token`, `add_bos_token`
+        off, or an EOS added too). `offset_mapping` and `text_replacement_offsets` index the text as given.
+        """
+        _check_text(text)
+        text, shifted, kwargs = self._without_rendered_bos(text, kwargs)
+        outputs = super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        if any(shifted):
+            _shift_offsets(outputs, shifted, len(self.tokenizer.bos_token))
+        return outputs
+
+    def _without_rendered_bos(self, text, kwargs: dict) -> tuple:
+        """(text, which samples lost their leading BOS string, kwargs) for `__call__`; see its docstring."""
+        bos_token = getattr(self.tokenizer, "bos_token", None)
+        if text is None or not bos_token:
+            return text, [], kwargs
+        samples = [text] if isinstance(text, str) else list(text)
+        starts = [sample.startswith(bos_token) for sample in samples]
+        requested = _requested_special_tokens(kwargs)
+        if not any(starts) or (requested is False and not all(starts)) or not self._tokenizer_adds_only_bos():
+            return text, [], kwargs
+        samples = [sample[len(bos_token) :] if start else sample for sample, start in zip(samples, starts)]
+        if requested is False:  # every sample had its BOS in the text: the tokenizer now adds it back
+            kwargs = _with_special_tokens(kwargs)
+        return (samples[0] if isinstance(text, str) else samples), starts, kwargs
+
+    def _tokenizer_adds_only_bos(self) -> bool:
+        """Whether the tokenizer's special tokens for one text are exactly its BOS in front."""
+        tokenizer = self.tokenizer
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"] == [tokenizer.bos_token_id, *plain]
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         _check_text(text)

@@ -20,16 +20,18 @@ CARD_TEMPLATE = """---
 ```
 """
 USAGE_REMOTE_CODE = """import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 model_id = "{repo}"
 model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=torch.float16)
 processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in this image?"}}]}}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=Image.open("image.jpg"), text=prompt, return_tensors="pt").to(model.device, torch.float16)
-print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))"""
+messages = [{{"role": "user", "content": [{{"type": "image", "path": "image.jpg"}}, {{"type": "text", "text": "What is in this image?"}}]}}]
+# one call renders the chat template (which starts with the BOS) and tokenizes it without adding a second one
+inputs = processor.apply_chat_template(
+    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+).to(model.device, torch.float16)
+output = model.generate(**inputs, max_new_tokens=64)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
 USAGE_STOCK = USAGE_REMOTE_CODE.replace(", trust_remote_code=True", "")
 
 
