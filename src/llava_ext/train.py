@@ -9,6 +9,7 @@ model keys keep the original LLaVA script's names) plus command-line overrides:
     stage 1 (pretrain-projector.yaml)  vision tower frozen | projector trained | language model frozen
     stage 2 (finetune.yaml)            vision tower frozen | projector trained | language model trained
     LoRA    (finetune-lora.yaml)       vision tower frozen | projector trained | LoRA on the language model's linears
+    QLoRA   (finetune-qlora.yaml)      as LoRA, the frozen language model loaded in 4-bit (bitsandbytes, CUDA only)
 
 The same command runs on one process, under `torchrun --nproc_per_node N` and under `accelerate launch`: `Trainer`
 reads the launcher's environment. It also runs as is without a GPU: the recipes' `bf16: true` then trains on the CPU in
@@ -33,6 +34,7 @@ import torch
 import yaml
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     HfArgumentParser,
@@ -47,6 +49,8 @@ from .compat import (
 )
 from .convert.io import atomic_directory, check_checkpoint_files, check_output_free
 from .data import LlavaConversationDataset, LlavaExtDataCollator, skip_summary
+from .quantization import bitsandbytes_config, check_bitsandbytes_environment
+from .quantization import cpu_has_native_bf16 as _cpu_has_native_bf16
 from .vision import normalize_layer_indices
 
 logger = logging.getLogger(__name__)
@@ -82,6 +86,27 @@ class ModelArguments:
         default=None,
         metadata={"help": "Regex of module names to adapt; defaults to every linear layer of the language model."},
     )
+    # Quantization: QLoRA (bitsandbytes on CUDA), the vision tower, projector and lm_head left unquantized
+    bits: int = field(
+        default=16,
+        metadata={
+            "help": "Language model weights while training: 16 (as loaded), or 4 / 8 with bitsandbytes (QLoRA: "
+            "needs lora_enable and a CUDA GPU)."
+        },
+    )
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type with bits: 4."})
+    double_quant: bool = field(default=True, metadata={"help": "With bits: 4, quantize the 4-bit scales too."})
+
+    def __post_init__(self):
+        if self.bits not in (4, 8, 16):
+            raise ValueError(
+                f"bits={self.bits!r} is not supported; use 16 (no quantization), 8 or 4 (bitsandbytes, CUDA only)."
+            )
+        if self.bits < 16 and not self.lora_enable:
+            raise ValueError(
+                f"bits={self.bits} trains LoRA adapters on a frozen quantized language model (QLoRA), so it needs "
+                "lora_enable: true (--lora_enable true, as configs/finetune-qlora.yaml sets), or use bits: 16."
+            )
 
 
 @dataclass
@@ -176,16 +201,6 @@ def _has_accelerator() -> bool:
     if accelerator is not None:
         return accelerator.is_available()
     return torch.cuda.is_available() or torch.backends.mps.is_available()
-
-
-def _cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (x86 AVX512-BF16, which AMX CPUs also have).
-
-    A bf16 matmul *works* on every CPU, emulated where the instructions are missing and then slower than fp32, so
-    "does it run" is no test. torch's check is private (present in 2.x); without it, or on ARM, the answer is no.
-    """
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check is not None and check())
 
 
 def _cuda_has_native_bf16() -> bool:
@@ -373,15 +388,39 @@ def _local_or_hub(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).is_dir() else path
 
 
+def _quantized_load_kwargs(model_args: ModelArguments, training_args: TrainingArguments) -> dict:
+    """`from_pretrained` arguments loading the language model in `model_args.bits` bits; none for 16."""
+    if model_args.bits == 16:
+        return {}
+    # bf16/fp16 as settled by _resolve_precision (fp16 on GPUs without bf16); fp32 when the recipe asks for neither
+    compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    config = bitsandbytes_config(
+        model_args.bits, compute_dtype, quant_type=model_args.quant_type, double_quant=model_args.double_quant
+    )
+    return {
+        "quantization_config": config,
+        "dtype": compute_dtype,  # what the unquantized parts load in (transformers' default would be fp32)
+        "device_map": {"": training_args.device},  # the whole model on this process's GPU, as DDP wants
+    }
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> LlavaExtTrainer:
-    """Load the model and processor, freeze, add LoRA, and return a ready `LlavaExtTrainer`.
+    """Load the model (its language model in `model_args.bits` bits) and processor, freeze, add LoRA, and return a
+    ready `LlavaExtTrainer`.
 
     Args:
         model_args (`ModelArguments`), data_args (`DataArguments`), training_args (`TrainingArguments`):
             as returned by `parse_config`.
     """
+    if model_args.bits < 16:  # a machine that cannot run bitsandbytes is told before anything loads
+        check_bitsandbytes_environment(model_args.bits)
+        if training_args.use_cpu:
+            raise ValueError(
+                f"bits={model_args.bits} trains on the GPU with bitsandbytes but use_cpu is set; drop --use_cpu, "
+                "or use bits: 16 to train on the CPU."
+            )
     # The data first: a malformed record or an image outside image_folder stops the run before the model loads.
     datasets = [
         LlavaConversationDataset(
@@ -401,9 +440,16 @@ def build_trainer(
     if processor_path != model_path and Path(processor_path).is_dir():
         check_checkpoint_files(processor_path, weights=False, config_name=None, what="processor")
     processor = AutoProcessor.from_pretrained(processor_path, trust_remote_code=model_args.trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_path, trust_remote_code=model_args.trust_remote_code, **_quantized_load_kwargs(model_args, training_args)
+    )
     keep_used_weight_conversions(model)
     model.config.use_cache = False  # the cache is useless in training and wasteful with checkpointing
+    if model_args.bits < 16:
+        # PEFT's QLoRA preparation: freezes every parameter and upcasts the unquantized ones (norms, vision tower,
+        # projector, lm_head) to fp32 for stable updates; freeze_parameters then unfreezes what the recipe trains.
+        # Checkpointing is left to Trainer and the lines below, as in 16-bit runs, so the recipe's settings apply.
+        _import_peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     freeze_parameters(model, model_args)
     if getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing:
         # Checkpointed blocks whose inputs need no grad return outputs without grad when the embeddings are frozen
@@ -469,8 +515,11 @@ def merge_lora(
     into a temporary sibling of `output_dir` that is renamed into place only when complete, as `llava-ext convert`
     writes (`convert.io.atomic_directory`).
 
+    The base loads unquantized, in the dtype it was saved in, also for a QLoRA run (`bits: 4`/`8`): the adapter is
+    folded into the 16-bit weights the run quantized on the fly, not into 4-bit ones. A base saved quantized is refused.
+
     Args:
-        adapter_dir (`str`): a folder written by a LoRA run (final or `checkpoint-N`).
+        adapter_dir (`str`): a folder written by a LoRA or QLoRA run (final or `checkpoint-N`).
         output_dir (`str`): where the merged checkpoint goes; must not exist unless `overwrite=True`.
         base_model (`str`, *optional*): the base checkpoint; defaults to the adapter's `base_model_name_or_path`.
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing `output_dir` once the merged
@@ -500,8 +549,16 @@ def merge_lora(
             )
     if Path(base_model).expanduser().is_dir():
         check_checkpoint_files(Path(base_model).expanduser(), processor=False, what="base model")
+    quantization = getattr(AutoConfig.from_pretrained(base_model, trust_remote_code=True), "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        raise ValueError(
+            f"The base model {base_model!r} is saved quantized ({method}), and merging the adapter into rounded "
+            "weights would lose precision; pass its 16-bit checkpoint with base_model (--base-model)."
+        )
     processor = AutoProcessor.from_pretrained(adapter_dir, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(base_model, trust_remote_code=True)
+    # "auto": the dtype the base was saved in (transformers' default would be fp32, doubling a bf16 checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(base_model, trust_remote_code=True, dtype="auto")
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     with atomic_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp)
