@@ -351,6 +351,7 @@ def evaluate_checkpoint(
     *,
     device: str | None = None,
     dtype: str = "auto",
+    quantize: str | None = None,
     trust_remote_code: bool = False,
     confidence: float = 0.95,
     show_progress: bool = True,
@@ -364,6 +365,8 @@ def evaluate_checkpoint(
         max_new_tokens (`int`, *optional*, defaults to 16): the longest answer.
         device (`str`, *optional*): "cpu" or "cuda"; cuda when available.
         dtype (`str`, *optional*, defaults to `"auto"`): "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+        quantize (`str`, *optional*): `None` or `"int8"` (torchao int8 weight-only language model, see
+            `llava_ext.chat.load_model_and_processor`), to score a model as it will be served.
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow code shipped with non-llava_ext checkpoints.
         confidence (`float`, *optional*, defaults to 0.95): coverage of the Wilson intervals.
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over questions.
@@ -374,7 +377,7 @@ def evaluate_checkpoint(
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must both be at least 1.")
     records = load_eval_records(data_path)
-    model, processor = load_model_and_processor(str(checkpoint), device, dtype, trust_remote_code)
+    model, processor = load_model_and_processor(str(checkpoint), device, dtype, trust_remote_code, quantize=quantize)
     predictions = generate_answers(model, processor, records, batch_size, max_new_tokens, show_progress)
     return score_predictions(records, predictions, confidence)
 
