@@ -525,7 +525,7 @@ def run_cli(models, processor, monkeypatch, capsys, stdin, *flags) -> tuple[int,
     import llava_ext.cli.chat
     from llava_ext.cli import build_parser
 
-    monkeypatch.setattr(llava_ext.cli.chat, "load_model_and_processor", lambda *args: (models[1], processor))
+    monkeypatch.setattr(llava_ext.cli.chat, "load_model_and_processor", lambda *args, **kwargs: (models[1], processor))
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
     args = build_parser().parse_args(["chat", "tiny", "--no-compile", "--max-new-tokens", str(MAX_NEW_TOKENS), *flags])
     code = args.func(args)

@@ -23,6 +23,15 @@ def add_subcommand(subparsers, name: str, *, help: str, description: str, exampl
     )
 
 
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quantize`, as `llava_ext.chat.load_model_and_processor` takes it."""
+    parser.add_argument(
+        "--quantize", choices=["int8"], default=None,
+        help="int8: torchao int8 weight-only language model, the vision tower and projector in --dtype (whose 'auto' "
+        "is then bf16 on a CPU with native bf16, else fp32); needs torchao: pip install 'llava-ext[quant]'",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llava-ext",
@@ -44,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args) or 0
 
 
-__all__ = ["add_subcommand", "build_parser", "main"]
+__all__ = ["add_quantize_argument", "add_subcommand", "build_parser", "main"]

@@ -8,7 +8,7 @@ import sys
 
 from ..chat import DEFAULT_MAX_NEW_TOKENS, DTYPES, ChatSession, ContextFullError, load_model_and_processor
 from ..compat import load_image
-from . import add_subcommand
+from . import add_quantize_argument, add_subcommand
 
 EXAMPLE = (
     "llava-ext chat llava-hf/llava-1.5-7b-hf --image https://llava-vl.github.io/static/images/view.jpg "
@@ -34,6 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights' dtype (auto: the checkpoint's)")
+    add_quantize_argument(parser)
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -58,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """The chat loop: questions from stdin, streamed answers to stdout, notes and errors to stderr."""
-    model, processor = load_model_and_processor(args.model, args.device, args.dtype, args.trust_remote_code)
+    model, processor = load_model_and_processor(
+        args.model, args.device, args.dtype, args.trust_remote_code, quantize=args.quantize
+    )
     session = ChatSession(
         model, processor, system=args.system, compile=args.compile, max_context=args.max_context,
         on_context_full=args.on_context_full,

@@ -4,7 +4,7 @@ import argparse
 
 from ..chat import DTYPES
 from ..evaluate import EvalResult, Score, evaluate_checkpoint, write_predictions
-from . import add_subcommand
+from . import add_quantize_argument, add_subcommand
 
 EXAMPLE = (
     "llava-ext eval ./llava-ext-demo/final --data ./llava-ext-demo/data/heldout.jsonl "
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate_checkpoint(
             args.checkpoint, args.data, args.batch_size, args.max_new_tokens, device=args.device, dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code, show_progress=not args.no_progress,
+            quantize=args.quantize, trust_remote_code=args.trust_remote_code, show_progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"llava-ext eval: error: {error}") from None
@@ -66,6 +66,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output", metavar="PREDICTIONS.jsonl", help="also write each question's answer and scores")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weights' dtype (auto: the checkpoint's)")
+    add_quantize_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--trust-remote-code", action="store_true",
