@@ -295,5 +295,6 @@ def test_decode_compile_config_lowers_16_bit_attention_to_math_on_cpu():
     assert chat.decode_compile_config(cpu, torch.bfloat16).backend is chat._inductor_with_math_attention
     assert chat.decode_compile_config(cpu, torch.bfloat16) == chat.decode_compile_config(cpu, torch.bfloat16)
     assert chat.decode_compile_config(cpu, torch.float32).backend == "inductor"
-    assert chat.decode_compile_config(cpu).backend == "inductor"
+    with pytest.raises(TypeError):  # the fp32 settings compiled a wrong int8 decode step: the dtype must be given
+        chat.decode_compile_config(cpu)
     assert chat.decode_compile_config(torch.device("cuda"), torch.bfloat16).backend == "inductor"
