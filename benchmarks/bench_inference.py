@@ -7,15 +7,25 @@ reference/ours: above 1 is faster). Load time and peak RSS are measured in one f
 
     python benchmarks/bench_inference.py                      # "small": ~256M parameters, fp32, CPU
     python benchmarks/bench_inference.py --size tiny --json out.json   # CI smoke run
+    python benchmarks/bench_inference.py --precisions fp32,bf16       # no int8 rows (e.g. without torchao)
     python benchmarks/bench_inference.py --size 7b-shapes --device cuda --dtype float16
 
 "decode (chat path)" is what `ChatSession` / `llava-ext chat` run by default: a `StaticCache` and a compiled decode
 step (`llava_ext.chat.decode_compile_config` under `decode_compile_settings`: on CPU, frozen weights and inductor's
 C++ GEMM kernels); its compile warm-up is reported on its own line.
+
+Precisions (CPU fp32 runs, `--precisions fp32,bf16,int8`): the same weights cast to bf16, and int8 weight-only
+(`llava_ext.quantization.quantize_int8_weight_only`, the rest of the model in `int8_default_dtype`: bf16 on a CPU with
+native bf16), decoded on ChatSession's path and compared with the reference's fp32 default path, with the
+weight-reading floor (bytes of weights read per decoded token / the memory bandwidth measured here with a large copy)
+and the greedy-token agreement with fp32. A precision the machine cannot run (no torchao, no native bf16) is skipped
+with a line saying why.
 """
 
 import argparse
 import contextlib
+import copy
+import importlib.util
 import json
 import platform
 import statistics
@@ -35,6 +45,7 @@ from llava_ext.chat import (
     CACHE_BLOCK, decode_compile_config, decode_compile_settings, new_static_cache, truncate_cache,
 )
 from llava_ext.compat import CACHE_KWARG, BaseStreamer
+from llava_ext.quantization import cpu_has_native_bf16, int8_default_dtype, quantize_int8_weight_only
 
 SIZES = {
     # name: (vision tower, language model, text tokens, new tokens, batch-8 new tokens)
@@ -59,6 +70,10 @@ SIZES = {
     ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "int8")
+PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --dtype -> a precision row's label
+VISION_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")  # run in the prefill only, not per token
+CONFIDENT_EMBEDDING_STD = 0.2  # see `make_confident`; transformers' init gives 0.02
 
 
 def build_config(size: str) -> LlavaConfig:
@@ -80,10 +95,87 @@ def build_models(size: str, dtype: torch.dtype, device: str):
     """transformers' LLaVA and ours, same random weights."""
     torch.manual_seed(0)
     config = build_config(size)
-    reference = LlavaForConditionalGeneration(config).to(dtype=dtype, device=device).eval()
+    reference = LlavaForConditionalGeneration(config)
+    make_confident(reference)
+    reference = reference.to(dtype=dtype, device=device).eval()
     ours = LlavaExtForConditionalGeneration(LlavaExtConfig(**config.to_dict()))
     ours.load_state_dict(reference.state_dict())
     return reference, ours.to(dtype=dtype, device=device).eval()
+
+
+@torch.no_grad()
+def make_confident(model) -> None:
+    """Give the random language model a trained model's confidence, in place (before ours copies the weights).
+
+    At transformers' init (std 0.02) the layers' outputs drown the current token's embedding, so the greedy decode
+    repeats one token whatever the precision and a token agreement would mean nothing. Here the input embeddings get
+    std `CONFIDENT_EMBEDDING_STD`, so the current token shows through the random layers, and lm_head's row j is the
+    unit-length embedding of token `successor[j]` (a fixed random permutation): the model predicts a random successor
+    of the current token, moved by the context. At the small size the fp32 greedy decode then gives a new token at
+    every step, with a top-1 minus top-2 logit margin of about 2 (median) and now and then a near tie, where a lower
+    precision may pick the other token, as with a trained chat model's answers. The margins are reported
+    (`fp32_logit_margin`). Speed does not depend on the values.
+    """
+    embeddings = model.get_input_embeddings().weight  # (vocab, hidden); the pad row stays zero
+    embeddings.mul_(CONFIDENT_EMBEDDING_STD / embeddings.std())
+    successor = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(3))
+    rows = embeddings[successor]  # (vocab, hidden)
+    model.get_output_embeddings().weight.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-6))
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a matmul reads of a weight, with a tensor subclass's inner tensors (torchao's int8: data and scales).
+
+    torchao's symmetric int8 weights also keep an all-zero `zero_point` that the weight-only matmul never reads.
+    """
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        inner = [getattr(tensor, name) for name in names if name != "zero_point"]
+        return sum(stored_bytes(value) for value in inner if value is not None)
+    return tensor.nbytes
+
+
+def decode_bytes_per_token(model) -> int:
+    """Bytes of weights a batch-1 decode step reads: what the weight-reading floor divides the bandwidth by.
+
+    Counted: every parameter of the language model and lm_head, read whole each token (int8 weights with their
+    scales), except the input embeddings, of which one row is gathered. Not counted: the vision tower and projector
+    (prefill only), the KV cache (it grows with the context: the floor is for weights alone) and the activations.
+    """
+    embeddings = model.get_input_embeddings().weight
+    total = 0
+    for name, parameter in model.named_parameters():  # tied parameters are listed once
+        if name.startswith(VISION_PARTS):
+            continue
+        if parameter is embeddings:
+            total += stored_bytes(parameter) // parameter.shape[0]  # one (hidden,) row per token
+        else:
+            total += stored_bytes(parameter)
+    return total
+
+
+def memory_bandwidth(device: str, mib: int, repeats: int = 5) -> float:
+    """GB/s of a `mib` MiB tensor copy, best of `repeats`: (bytes read + bytes written) / time, STREAM's "copy" count
+    (a CPU's write-allocate reads are not counted). Uses torch's threads, as the decode does."""
+    source = torch.ones(mib * 2**20 // 4, device=device)  # float32; filled so its pages exist before timing
+    target = torch.zeros_like(source)
+    best = min(timed(lambda: target.copy_(source), device)[0] for _ in range(repeats))
+    return 2 * source.nbytes / best / 1e9
+
+
+def precision_skips(precisions, device: str, dtype: torch.dtype) -> dict[str, str]:
+    """Why each asked-for precision beyond fp32 cannot run here ({} when all can)."""
+    skips = {}
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        if device != "cpu" or dtype != torch.float32:
+            skips[precision] = "the bf16/int8 rows are measured on CPU fp32 runs (--device cpu --dtype float32)"
+        elif precision == "bf16" and not cpu_has_native_bf16():
+            skips[precision] = "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32"
+        elif precision == "int8" and importlib.util.find_spec("torchao") is None:
+            skips[precision] = "torchao is not installed (pip install torchao)"
+    return skips
 
 
 def build_inputs(config, size: str, batch: int, device: str, dtype: torch.dtype, extra_text: int = 0):
@@ -139,23 +231,33 @@ class TokenClock(BaseStreamer):
 
 
 class Runner:
-    """Alternates reference and ours `repeats` times per measurement; keeps every sample."""
+    """Alternates the models `repeats` times per measurement; keeps every sample.
+
+    "reference" and "ours" are the two models in the run's dtype; `add` puts more beside them (the precision rows:
+    "reference_bf16", "ours_bf16", "ours_int8"), measured interleaved with them where a measurement names them.
+    """
 
     def __init__(self, reference, ours, size: str, device: str, dtype: torch.dtype, repeats: int):
         self.models = {"reference": reference, "ours": ours}
         self.size, self.device, self.dtype, self.repeats = size, device, dtype, repeats
         self.config = reference.config
         self.inputs = build_inputs(self.config, size, 1, device, dtype)
+        self.model_inputs = {"reference": self.inputs, "ours": self.inputs}
         self.caches = {}
 
-    def alternate(self, measure) -> dict[str, float]:
-        """Median of `measure(name, model)` per model, one warm-up call each, calls interleaved."""
-        samples = {name: [] for name in self.models}
-        for name, model in self.models.items():
-            measure(name, model)
+    def add(self, name: str, model) -> None:
+        """Another model on the same weights; its images are fed in its own floating dtype."""
+        self.models[name] = model
+        self.model_inputs[name] = dict(self.inputs, pixel_values=self.inputs["pixel_values"].to(model.dtype))
+
+    def alternate(self, measure, names=("reference", "ours")) -> dict[str, float]:
+        """Median of `measure(name, model)` per named model, one warm-up call each, calls interleaved."""
+        samples = {name: [] for name in names}
+        for name in names:
+            measure(name, self.models[name])
         for _ in range(self.repeats):
-            for name, model in self.models.items():
-                samples[name].append(measure(name, model))
+            for name in names:
+                samples[name].append(measure(name, self.models[name]))
         return {name: statistics.median(values) for name, values in samples.items()}
 
     @torch.no_grad()
@@ -164,8 +266,11 @@ class Runner:
         return self.alternate(lambda name, model: timed(lambda: model.get_image_features(pixel_values), self.device)[0])
 
     @torch.no_grad()
-    def prefill(self):
-        return self.alternate(lambda name, model: timed(lambda: model(**self.inputs, logits_to_keep=1), self.device)[0])
+    def prefill(self, names=("reference", "ours")):
+        return self.alternate(
+            lambda name, model: timed(lambda: model(**self.model_inputs[name], logits_to_keep=1), self.device)[0],
+            names,
+        )
 
     def static_cache(self, name: str, length: int):
         """A static cache sized as ChatSession sizes it, reused (reset) across calls so compiled graphs stay valid."""
@@ -181,7 +286,7 @@ class Runner:
         length = self.inputs["input_ids"].shape[1] + new_tokens
         kwargs = {CACHE_KWARG: self.static_cache(name, length)}
         if path == "chat":
-            kwargs["compile_config"] = decode_compile_config(torch.device(self.device))
+            kwargs["compile_config"] = decode_compile_config(torch.device(self.device), self.models[name].dtype)
         else:
             kwargs["disable_compile"] = True
         return kwargs
@@ -196,24 +301,28 @@ class Runner:
         outputs = {}
 
         def measure(name, model):
-            if name not in names:
-                return float("nan")
             clock = TokenClock(self.device)
             kwargs = self.decode_kwargs(name, path, new_tokens)
             with self.settings(path):
-                outputs[name] = greedy(model, self.inputs, new_tokens, streamer=clock, **kwargs)
+                outputs[name] = greedy(model, self.model_inputs[name], new_tokens, streamer=clock, **kwargs)
             return clock.tokens_per_second()
 
-        return self.alternate(measure), outputs
+        return self.alternate(measure, names), outputs
 
     @torch.no_grad()
     def compile_warmup(self, name: str, new_tokens: int) -> float:
         """Seconds the first compiled generate takes beyond a warm one."""
-        model = self.models[name]
+        model, inputs = self.models[name], self.model_inputs[name]
         with self.settings("chat"):
-            first, _ = timed(lambda: greedy(model, self.inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
-            warm, _ = timed(lambda: greedy(model, self.inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
+            first, _ = timed(lambda: greedy(model, inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
+            warm, _ = timed(lambda: greedy(model, inputs, 8, **self.decode_kwargs(name, "chat", 8)), self.device)
         return first - warm
+
+    @torch.no_grad()
+    def teacher_forced_logits(self, name: str, sequences: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of model `name` at every position of `sequences` (the prompt and an answer), in one forward."""
+        inputs = dict(self.model_inputs[name], input_ids=sequences, attention_mask=torch.ones_like(sequences))
+        return self.models[name](**inputs).logits.float()  # (1, seq, vocab)
 
     @torch.no_grad()
     def batch8(self, new_tokens: int):
@@ -323,22 +432,84 @@ def environment(device: str) -> dict:
     return info
 
 
+def add_precision_models(runner: Runner, reference, ours, precisions, device: str) -> dict:
+    """Put the bf16 and int8 models beside the fp32 ones, from the same fp32 weights; returns {label: model name}."""
+    added = {}
+    if "int8" in precisions:  # the rest of the model in bf16 where this CPU computes it natively, else fp32
+        runner.add("ours_int8", quantize_int8_weight_only(copy.deepcopy(ours).to(int8_default_dtype(device))))
+        added["int8"] = "ours_int8"
+    if "bf16" in precisions:
+        runner.add("reference_bf16", copy.deepcopy(reference).to(torch.bfloat16))
+        runner.add("ours_bf16", copy.deepcopy(ours).to(torch.bfloat16))
+        added["bf16"] = "ours_bf16"
+    return added
+
+
+@torch.no_grad()
+def precision_quality(runner: Runner, fp32_sequence: torch.Tensor, answers: dict[str, torch.Tensor],
+                      added: dict[str, str]) -> dict:
+    """Each precision's greedy answer and logits against our fp32 ones.
+
+    `<label>_token_agreement`: the fraction of answer positions whose greedy token equals fp32's (the answers run
+    free, so after a first difference most later tokens differ too). `<label>_teacher_forced_agreement`: the fraction
+    of positions where the model, fed fp32's answer, picks fp32's next token (one near tie costs one position).
+    `<label>_max_logit_diff`: the largest |logit - fp32 logit| over the prompt and fp32's answer.
+    """
+    prompt = runner.inputs["input_ids"].shape[1]
+    fp32_logits = runner.teacher_forced_logits("ours", fp32_sequence)  # (1, seq, vocab)
+    fp32_next = fp32_logits[0, prompt - 1 : -1]  # (new, vocab): the logits that chose each answer token
+    top2 = fp32_next.topk(2, dim=-1).values  # (new, 2)
+    margin = top2[:, 0] - top2[:, 1]
+    quality = {
+        "fp32_logit_margin": {"median": margin.median().item(), "min": margin.min().item()},
+        "fp32_answer_distinct_tokens": int(fp32_sequence[0, prompt:].unique().numel()),
+    }
+    for label, name in added.items():
+        logits = runner.teacher_forced_logits(name, fp32_sequence)  # (1, seq, vocab)
+        answer = answers[name][0, prompt:]
+        quality[f"{label}_token_agreement"] = (answer == fp32_sequence[0, prompt:]).float().mean().item()
+        quality[f"{label}_teacher_forced_agreement"] = (
+            (logits[0, prompt - 1 : -1].argmax(-1) == fp32_next.argmax(-1)).float().mean().item()
+        )
+        quality[f"{label}_max_logit_diff"] = (logits - fp32_logits).abs().max().item()
+    return quality
+
+
 def run(args) -> dict:
     _, _, _, new_tokens, batch_tokens = SIZES[args.size]
     new_tokens = args.new_tokens or new_tokens
     dtype = DTYPES[args.dtype]
+    skipped = precision_skips(args.precisions, args.device, dtype)
     reference, ours = build_models(args.size, dtype, args.device)
     runner = Runner(reference, ours, args.size, args.device, dtype, args.repeats)
     report = {"size": args.size, "dtype": args.dtype, "device": args.device, "repeats": args.repeats,
-              "parameters_m": sum(p.numel() for p in ours.parameters()) / 1e6, "environment": environment(args.device)}
+              "parameters_m": sum(p.numel() for p in ours.parameters()) / 1e6, "environment": environment(args.device),
+              "skipped_precisions": skipped}
+    added = add_precision_models(runner, reference, ours, [p for p in args.precisions if p not in skipped], args.device)
+    base = PRECISION_OF_DTYPE[args.dtype]
+    labels = {base: "ours", **added}  # precision -> our model in it
+    bf16 = ("reference_bf16", "ours_bf16") if "bf16" in added else ()
+
+    report["bandwidth_mib"] = args.bandwidth_mib
+    report["memory_bandwidth_gb_s"] = memory_bandwidth(args.device, args.bandwidth_mib)
+    report["decode_bytes_per_token"] = {label: decode_bytes_per_token(runner.models[name])
+                                        for label, name in labels.items()}
+    report["floor_tok_s"] = {label: report["memory_bandwidth_gb_s"] * 1e9 / nbytes
+                             for label, nbytes in report["decode_bytes_per_token"].items()}
+    if "int8" in added:
+        report["int8_activation_dtype"] = str(runner.models["ours_int8"].dtype).removeprefix("torch.")
 
     report["vision_s"] = runner.vision()
-    report["prefill_s"] = runner.prefill()
-    default, default_tokens = runner.decode("default", new_tokens)
-    report["decode_default_tok_s"] = default
+    prefill = runner.prefill(("reference", "ours", *bf16, *(["ours_int8"] if "int8" in added else [])))
+    report["prefill_s"] = {name: prefill[name] for name in ("reference", "ours")}
+    default, default_tokens = runner.decode("default", new_tokens, ("reference", "ours", *bf16))
+    report["decode_default_tok_s"] = {name: default[name] for name in ("reference", "ours")}
     report["compile_warmup_s"] = {name: runner.compile_warmup(name, new_tokens) for name in ("ours", "reference")}
-    chat, chat_tokens = runner.decode("chat", new_tokens)  # both models on the chat path's settings
-    report["decode_chat_path_tok_s"] = chat
+    report["precision_compile_warmup_s"] = {label: runner.compile_warmup(name, new_tokens)
+                                            for label, name in added.items()}
+    # both fp32 models on the chat path's settings; the other precisions on ours only, as ChatSession runs them
+    chat, chat_tokens = runner.decode("chat", new_tokens, ("reference", "ours", *added.values()))
+    report["decode_chat_path_tok_s"] = {name: chat[name] for name in ("reference", "ours")}
     static, static_tokens = runner.decode("static", new_tokens, names=("ours",))
     report["decode_static_eager_ours_tok_s"] = static["ours"]
     report["greedy_tokens_equal"] = all(
@@ -347,12 +518,10 @@ def run(args) -> dict:
     )
     report["batch8_tok_s"] = runner.batch8(batch_tokens)
     report["multiturn_ttft_s"] = runner.multiturn()
-    if args.bf16 and dtype == torch.float32 and args.device == "cpu":
-        bf16 = Runner(reference.to(torch.bfloat16), ours.to(torch.bfloat16), args.size, args.device, torch.bfloat16,
-                      args.repeats)
-        report["bf16_prefill_s"] = bf16.prefill()
-        report["bf16_decode_default_tok_s"] = bf16.decode("default", new_tokens)[0]
-        reference.float(), ours.float()
+    if added:
+        report.update(precision_quality(runner, chat_tokens["ours"], chat_tokens, added))
+    for name in list(runner.models)[2:]:  # the precision models are measured; free them before the load subprocesses
+        del runner.models[name]
     report.update(load_and_rss(reference, ours, args.size, args.device, args.dtype, args.load_repeats))
 
     ratio = lambda key: report[key]["ours"] / report[key]["reference"]  # noqa: E731
@@ -365,9 +534,24 @@ def run(args) -> dict:
     report["multiturn_ttft_speedup"] = report["multiturn_ttft_s"]["reference"] / report["multiturn_ttft_s"]["ours"]
     report["rss_ratio"] = ratio("peak_rss_mb")
     report["load_ratio"] = ratio("load_s")
-    if "bf16_prefill_s" in report:
-        report["bf16_prefill_ratio"] = ratio("bf16_prefill_s")
-        report["bf16_decode_speedup"] = ratio("bf16_decode_default_tok_s")
+    report[f"{base}_floor_fraction"] = report["decode_chat_path_tok_s"]["ours"] / report["floor_tok_s"][base]
+    # The precision figures, all against the reference's fp32 default path in this run (issue 14): prefill as a time
+    # ratio (below 1 is faster), decode as ours on ChatSession's path / the reference's default generate().
+    if "bf16" in added:
+        report["bf16_prefill_s"] = {"reference": prefill["reference_bf16"], "ours": prefill["ours_bf16"]}
+        report["bf16_decode_default_tok_s"] = {"reference": default["reference_bf16"], "ours": default["ours_bf16"]}
+        report["bf16_decode_chat_path_tok_s"] = chat["ours_bf16"]
+        report["bf16_prefill_ratio"] = prefill["ours_bf16"] / prefill["reference"]
+        report["bf16_prefill_same_settings_ratio"] = ratio("bf16_prefill_s")  # both in bf16
+        report["bf16_decode_speedup"] = chat["ours_bf16"] / default["reference"]
+        report["bf16_default_same_settings_speedup"] = ratio("bf16_decode_default_tok_s")  # both bf16, default
+        report["bf16_floor_fraction"] = chat["ours_bf16"] / report["floor_tok_s"]["bf16"]
+    if "int8" in added:
+        report["int8_prefill_s"] = prefill["ours_int8"]
+        report["int8_decode_chat_path_tok_s"] = chat["ours_int8"]
+        report["int8_prefill_ratio"] = prefill["ours_int8"] / prefill["reference"]
+        report["int8_decode_speedup"] = chat["ours_int8"] / default["reference"]
+        report["int8_floor_fraction"] = chat["ours_int8"] / report["floor_tok_s"]["int8"]
     return report
 
 
@@ -380,8 +564,9 @@ def format_table(report: dict) -> str:
          "decode_chat_path_same_settings_speedup", "higher"),
         ("batch-8 throughput (tok/s)", "batch8_tok_s", "batch8_speedup", "higher"),
         ("2nd question TTFT (s)", "multiturn_ttft_s", "multiturn_ttft_speedup", "speedup"),
-        ("bf16 prefill (s)", "bf16_prefill_s", "bf16_prefill_ratio", "lower"),
-        ("bf16 decode, default generate() (tok/s)", "bf16_decode_default_tok_s", "bf16_decode_speedup", "higher"),
+        ("bf16 prefill, both bf16 (s)", "bf16_prefill_s", "bf16_prefill_same_settings_ratio", "lower"),
+        ("bf16 decode, both default generate() (tok/s)", "bf16_decode_default_tok_s",
+         "bf16_default_same_settings_speedup", "higher"),
         ("load from checkpoint (s)", "load_s", "load_ratio", "lower"),
         ("peak RSS (MB)", "peak_rss_mb", "rss_ratio", "lower"),
     ]
@@ -407,8 +592,85 @@ def format_table(report: dict) -> str:
         f"reference {report['compile_warmup_s']['reference']:.1f}",
         f"greedy tokens equal on every path: {report['greedy_tokens_equal']}; "
         f"2nd-question first token equal: {report['multiturn_ttft_s']['same_token']}",
+        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + format_precisions(report))
+
+
+# issue 14's targets on the small benchmark: (key, bound, "min" or "max")
+TARGETS = (
+    ("int8_decode_speedup", 4.0, "min"),
+    ("int8_floor_fraction", 0.70, "min"),
+    ("bf16_decode_speedup", 3.0, "min"),
+    ("bf16_prefill_ratio", 0.5, "max"),
+)
+
+
+def format_precisions(report: dict) -> list[str]:
+    """The precision rows: ours in each precision against the reference's fp32 default path and the weight floor."""
+    fp32_prefill, fp32_decode = report["prefill_s"]["reference"], report["decode_default_tok_s"]["reference"]
+    bandwidth = report["memory_bandwidth_gb_s"]
+    lines = [
+        f"memory bandwidth: {bandwidth:.1f} GB/s (a {report['bandwidth_mib']} MiB tensor copy, bytes read + written "
+        "/ best of 5 times)",
+        "precisions: ours decodes on ChatSession's path, the reference with its default generate(); 'x ref fp32' is "
+        "against the reference's fp32 prefill (time ratio) and decode (speedup); floor = bandwidth / bytes of weights "
+        "read per token; tokens=fp32 / teacher-f.: greedy-token agreement with our fp32 answer, free-running / fed "
+        "fp32's answer",
+        f"{'':22}{'prefill s':>10}{'x ref fp32':>11}{'decode tok/s':>13}{'x ref fp32':>11}{'floor tok/s':>12}"
+        f"{'of floor':>9}{'tokens=fp32':>12}{'teacher-f.':>11}{'max|dlogit|':>12}",
+    ]
+    number = lambda value, width, spec: f"{value:{width}{spec}}" if value is not None else " " * width  # noqa: E731
+    base = PRECISION_OF_DTYPE[report["dtype"]]  # the run's own dtype (fp32 on CPU)
+    rows = [(f"reference {base}", fp32_prefill, fp32_decode, None)]
+    if "bf16_prefill_s" in report:
+        rows.append(("reference bf16", report["bf16_prefill_s"]["reference"],
+                     report["bf16_decode_default_tok_s"]["reference"], None))
+    rows.append((f"ours {base}", report["prefill_s"]["ours"], report["decode_chat_path_tok_s"]["ours"], base))
+    if "bf16_prefill_s" in report:
+        rows.append(("ours bf16", report["bf16_prefill_s"]["ours"], report["bf16_decode_chat_path_tok_s"], "bf16"))
+    if "int8_prefill_s" in report:
+        rows.append((f"ours int8 ({report['int8_activation_dtype']})", report["int8_prefill_s"],
+                     report["int8_decode_chat_path_tok_s"], "int8"))
+    for label, prefill, decode, precision in rows:
+        floor = report["floor_tok_s"].get(precision) if precision else None
+        agreement = report.get(f"{precision}_token_agreement") if precision else None
+        forced = report.get(f"{precision}_teacher_forced_agreement") if precision else None
+        diff = report.get(f"{precision}_max_logit_diff") if precision else None
+        lines.append((
+            f"{label:22}{prefill:10.4g}{prefill / fp32_prefill:11.3f}{decode:13.4g}{decode / fp32_decode:11.3f}"
+            f"{number(floor, 12, '.4g')}{number(floor and decode / floor, 9, '.3f')}{number(agreement, 12, '.3f')}"
+            f"{number(forced, 11, '.3f')}{number(diff, 12, '.3g')}"
+        ).rstrip())
+    if "fp32_logit_margin" in report:
+        margin = report["fp32_logit_margin"]
+        lines.append(
+            f"fp32 top-1 minus top-2 logit over the answer: median {margin['median']:.3g}, min {margin['min']:.3g} "
+            f"({report['fp32_answer_distinct_tokens']} distinct tokens); compile warm-up (s): "
+            + ", ".join(f"{label} {seconds:.1f}" for label, seconds in report["precision_compile_warmup_s"].items())
+        )
+    met = []
+    for key, bound, kind in TARGETS:
+        if key in report:
+            ok = report[key] >= bound if kind == "min" else report[key] <= bound
+            met.append(f"{key} {report[key]:.3f} {'>=' if kind == 'min' else '<='} {bound} "
+                       f"{'met' if ok else 'NOT met'}")
+    if met:
+        lines.append("targets (issue 14, small size): " + "; ".join(met))
+    for precision, reason in report["skipped_precisions"].items():
+        lines.append(f"{precision}: skipped, {reason}")
+    return lines
+
+
+def precision_list(text: str) -> list[str]:
+    """`--precisions` parser: "fp32,int8" -> ["fp32", "int8"]; fp32 is added, being the baseline."""
+    precisions = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in precisions if item not in PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)} is not a precision; choose from {','.join(PRECISIONS)} (e.g. --precisions fp32,bf16)"
+        )
+    return ["fp32"] + [item for item in PRECISIONS[1:] if item in precisions]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,7 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-repeats", type=int, default=7, help="fresh processes per model for load and RSS")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode length (default: 128; tiny: 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 rows (CPU fp32 runs)")
+    parser.add_argument(
+        "--precisions", type=precision_list, default=list(PRECISIONS),
+        help="comma-separated, from fp32,bf16,int8 (default: all); fp32 is the baseline and always runs. bf16 and "
+        "int8 run on CPU fp32 runs; one this machine cannot run (no torchao, no native bf16) is skipped with a note",
+    )
+    parser.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the memory-bandwidth copy")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     args = parser.parse_args(argv)
     if args.threads:
