@@ -87,3 +87,32 @@ def test_the_leak_check_sees_prints_argparse_and_cli_imports(tmp_path):
     for source in ("from transformers import cli", "from .convert import cli", "from . import client"):
         module.write_text(source + "\n")
         assert cli_leaks(module, tmp_path) == [], source
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("command", "target", "attribute"), [
+    ("chat", "llava_ext.cli.chat", "load_model_and_processor"),
+    ("eval", "llava_ext.cli.eval", "evaluate_checkpoint"),
+])
+def test_quantize_and_dtype_reach_the_loader(command, target, attribute, monkeypatch, tmp_path):
+    """`--quantize int8 --dtype bfloat16` is handed to the library as given; an unknown choice is refused by argparse."""
+    import importlib
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(importlib.import_module(target), attribute, record)
+    extra = ["--data", str(tmp_path / "q.jsonl")] if command == "eval" else []
+    with pytest.raises(_Stop):
+        llava_ext.cli.main([command, "ckpt", *extra, "--quantize", "int8", "--dtype", "bfloat16"])
+    assert seen["kwargs"]["quantize"] == "int8"
+    assert "bfloat16" in [*seen["args"], seen["kwargs"].get("dtype")]
+    with pytest.raises(SystemExit) as exit:
+        llava_ext.cli.main([command, "ckpt", *extra, "--quantize", "int4"])
+    assert exit.value.code == 2
