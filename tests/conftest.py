@@ -62,6 +62,20 @@ def tiny_llava_config(vision="clip", text="llama", **kwargs) -> LlavaConfig:
     return LlavaConfig(vision_config=VISION[vision](), text_config=text_config, **kwargs)
 
 
+def write_color_dataset(root: Path) -> None:
+    """Four 32x32 single-colour images in `root` and `root/data.json`, their LLaVA-format conversations."""
+    import json
+
+    from PIL import Image
+
+    records = []
+    for index, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]):
+        Image.new("RGB", (32, 32), color).save(root / f"{index}.png")
+        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": f"color {index}"}]})
+    (root / "data.json").write_text(json.dumps(records))
+
+
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Character-level tokenizer over printable ASCII + newline, BOS prepended, `<image>` a special token."""
     chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import needs_image_assistant_masks, tiny_llava_config
+from conftest import needs_image_assistant_masks, tiny_llava_config, write_color_dataset
 from PIL import Image
 from safetensors.torch import load_file
 from test_data import make_processor
@@ -227,12 +227,7 @@ def gpu_workdir(tmp_path_factory):
     torch.manual_seed(0)
     LlavaExtForConditionalGeneration(LlavaExtConfig(**config)).save_pretrained(root / "init")
     make_processor().save_pretrained(root / "init")
-    records = []
-    for index, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]):
-        Image.new("RGB", (32, 32), color).save(root / f"{index}.png")
-        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": f"color {index}"}]})
-    (root / "data.json").write_text(json.dumps(records))
+    write_color_dataset(root)
     return root
 
 

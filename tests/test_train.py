@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_image_assistant_masks, tiny_llava_config
+from conftest import needs_image_assistant_masks, tiny_llava_config, write_color_dataset
 from PIL import Image
 from safetensors.torch import load_file
 from test_data import SAMPLES, make_processor
@@ -38,12 +38,7 @@ def workdir(tmp_path_factory):
     model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config().to_dict()))
     model.save_pretrained(root / "init")
     make_processor().save_pretrained(root / "init")
-    records = []
-    for index, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]):
-        Image.new("RGB", (32, 32), color).save(root / f"{index}.png")
-        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": f"color {index}"}]})
-    (root / "data.json").write_text(json.dumps(records))
+    write_color_dataset(root)
     return root
 
 
