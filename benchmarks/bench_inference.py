@@ -45,7 +45,9 @@ from llava_ext.chat import (
     CACHE_BLOCK, decode_compile_config, decode_compile_settings, new_static_cache, truncate_cache,
 )
 from llava_ext.compat import CACHE_KWARG, BaseStreamer
-from llava_ext.quantization import cpu_has_native_bf16, int8_default_dtype, quantize_int8_weight_only
+from llava_ext.quantization import (
+    cpu_has_native_bf16, int8_default_dtype, quantize_int8_weight_only, stored_bytes,
+)
 
 SIZES = {
     # name: (vision tower, language model, text tokens, new tokens, batch-8 new tokens)
@@ -123,16 +125,8 @@ def make_confident(model) -> None:
     model.get_output_embeddings().weight.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-6))
 
 
-def stored_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a matmul reads of a weight, with a tensor subclass's inner tensors (torchao's int8: data and scales).
-
-    torchao's symmetric int8 weights also keep an all-zero `zero_point` that the weight-only matmul never reads.
-    """
-    if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        inner = [getattr(tensor, name) for name in names if name != "zero_point"]
-        return sum(stored_bytes(value) for value in inner if value is not None)
-    return tensor.nbytes
+# torchao's symmetric int8 weights keep an all-zero `zero_point` that the weight-only matmul never reads
+UNREAD = ("zero_point",)
 
 
 def decode_bytes_per_token(model) -> int:
@@ -148,9 +142,9 @@ def decode_bytes_per_token(model) -> int:
         if name.startswith(VISION_PARTS):
             continue
         if parameter is embeddings:
-            total += stored_bytes(parameter) // parameter.shape[0]  # one (hidden,) row per token
+            total += stored_bytes(parameter, UNREAD) // parameter.shape[0]  # one (hidden,) row per token
         else:
-            total += stored_bytes(parameter)
+            total += stored_bytes(parameter, UNREAD)
     return total
 
 

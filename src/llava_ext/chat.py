@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from .compat import CACHE_KWARG, CompileConfig
+from .quantization import stored_bytes
 
 logger = logging.get_logger(__name__)
 
@@ -128,15 +129,6 @@ def new_static_cache(config, max_cache_len: int, device: torch.device) -> Static
     return cache_class(config=config, max_cache_len=max_cache_len)
 
 
-def _stored_bytes(tensor: torch.Tensor) -> int:
-    """Bytes `tensor` holds; for a wrapper subclass (torchao's int8 weights), those of its inner tensors (int8 data
-    and scales), not `numel * itemsize` of the dtype it presents."""
-    if hasattr(tensor, "__tensor_flatten__"):  # a traceable wrapper subclass
-        names, _ = tensor.__tensor_flatten__()
-        return sum(_stored_bytes(getattr(tensor, name)) for name in names)
-    return tensor.nbytes
-
-
 def compile_memory_shortfall(model) -> int:
     """Bytes of free memory missing for compiling the CPU decode step (0 if there is enough).
 
@@ -146,7 +138,7 @@ def compile_memory_shortfall(model) -> int:
     """
     import psutil  # a dependency of accelerate
 
-    needed = 2 * sum(_stored_bytes(parameter) for parameter in model.parameters())
+    needed = 2 * sum(stored_bytes(parameter) for parameter in model.parameters())
     return max(0, needed - psutil.virtual_memory().available)
 
 

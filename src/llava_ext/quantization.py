@@ -55,6 +55,17 @@ def int8_default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def stored_bytes(tensor: torch.Tensor, skip_inner: Sequence[str] = ()) -> int:
+    """Bytes `tensor` holds: for a wrapper subclass (torchao's int8 weights), those of its inner tensors (int8 data,
+    scales, zero points), not `numel * itemsize` of the dtype it presents. `skip_inner` leaves out inner tensors by
+    name (the benchmark's bytes-read count skips torchao's all-zero `zero_point`, which the matmul never reads)."""
+    if hasattr(tensor, "__tensor_flatten__"):  # a traceable wrapper subclass
+        names, _ = tensor.__tensor_flatten__()
+        inner = [getattr(tensor, name) for name in names if name not in skip_inner]
+        return sum(stored_bytes(value, skip_inner) for value in inner if value is not None)
+    return tensor.nbytes
+
+
 def _require_torchao(what: str = "int8 weight-only quantization") -> None:
     if importlib.util.find_spec("torchao") is None:
         raise ImportError(
@@ -241,6 +252,7 @@ def check_bitsandbytes_environment(bits: int) -> None:
 
 
 __all__ = [
+    "stored_bytes",
     "BNB_SKIP_MODULES",
     "INT8_SKIP_MODULES",
     "QUANTIZE_CHOICES",
