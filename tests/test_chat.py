@@ -122,6 +122,24 @@ def test_compiled_decode_equals_plain_decode(models, processor):
     ).ask(question, max_new_tokens=MAX_NEW_TOKENS)
 
 
+def test_compiled_decode_runs_every_linear_on_inductors_cpp_gemm(processor):
+    """On CPU every linear of the compiled decode step is inductor's C++ GEMM template, whatever inductor timed or
+    cached on disk before (a timing taken on a busy CPU once kept ATen's slower GEMV for every later chat), and the
+    step compiled rather than fell back to the uncompiled forward."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(2)
+    model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config().to_dict())).eval()
+    length = {"max_new_tokens": 4, "min_new_tokens": 4}  # decode steps are what gets compiled
+    expected = ChatSession(model, processor, cache_implementation="dynamic").ask(QUESTIONS[0], **length)
+    torch._dynamo.reset()
+    counters.clear()
+    assert ChatSession(model, processor, compile=True).ask(QUESTIONS[0], **length) == expected
+    linears = sum(isinstance(module, torch.nn.Linear) for module in model.model.language_model.modules()) + 1
+    assert counters["inductor"]["cpp_templated_kernel_counter"] == linears  # + 1: lm_head
+    assert counters["inductor"]["select_algorithm_autotune"] == 0  # one choice per GEMM: nothing timed, nothing cached
+
+
 def test_failed_compile_falls_back_to_the_uncompiled_answer(processor):
     """Without a working C++ compiler the compiled CPU decode can't be built: the session answers uncompiled."""
     import torch._inductor.config as inductor_config

@@ -154,7 +154,10 @@ def test_chat_session_equals_plain_generate(lowered, processor, precision, cache
 @pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 def test_compiled_chat_session_equals_uncompiled(lowered, processor, precision):
     """ChatSession's default compiled decode (frozen weights, inductor's C++ GEMM / int8 kernels) on bf16 and int8."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     model = lowered[precision]
     images = [Image.new("RGB", (40, 40), (200, 30, 30))]
     fast = ChatSession(model, processor)
@@ -169,6 +172,9 @@ def test_compiled_chat_session_equals_uncompiled(lowered, processor, precision):
     # the fused attention kernel runs in the (eager) prefill's 2 layers only; the compiled decode steps do without it
     fused = [event for event in profile.key_averages() if "flash_attention" in event.key]
     assert sum(event.count for event in fused) == 2
+    # every linear (int8 too) ran on inductor's C++ GEMM template, none on a timed-and-cached ATen choice
+    linears = sum(isinstance(module, torch.nn.Linear) for module in model.model.language_model.modules()) + 1
+    assert counters["inductor"]["cpp_templated_kernel_counter"] == linears  # + 1: lm_head
 
 
 def test_compile_memory_counts_int8_bytes(lowered, monkeypatch):

@@ -48,6 +48,11 @@ DEFAULT_MAX_NEW_TOKENS = 256
 CACHE_BLOCK = 1024  # static-cache capacity grows in these steps; each new capacity recompiles the decode step once
 
 
+# inductor stores a pointwise result instead of inlining it into its readers above this many ops (its CPU default, 50,
+# inlines the rotary embedding into the attention scores' loop over the cache; 30 still did, 10 does not)
+MATH_ATTENTION_REALIZE_OPCOUNT = 10
+
+
 def _inductor_with_math_attention(graph, example_inputs, options: dict | None = None):
     """The inductor backend, with `scaled_dot_product_attention` lowered through torch's math backend (matmul, softmax,
     matmul, which inductor then fuses and compiles) instead of a call to the fused CPU kernel."""
@@ -62,14 +67,21 @@ def decode_compile_config(device: torch.device, dtype: torch.dtype) -> CompileCo
     """Decode-step compile settings: CUDA graphs on CUDA; on CPU, inductor's C++ GEMM kernels on frozen weights.
 
     Batch-1 decoding on CPU is bound by reading the weights. With the weights frozen into the graph (see
-    `decode_compile_settings`), `max_autotune` lets inductor pre-pack them for its own C++ GEMM template, which reads
-    them about twice as fast as the MKL GEMV behind `nn.Linear`; autotuning still keeps ATen where it is faster. The
-    same holds for bf16 weights and for torchao's int8 weight-only layers (inductor's int8 weight-only GEMM).
+    `decode_compile_settings`), inductor pre-packs them for its own C++ GEMM template, which reads them about twice as
+    fast as the MKL GEMV behind `nn.Linear`; the same holds for bf16 weights and for torchao's int8 weight-only layers
+    (inductor's int8 weight-only GEMM). The template is the only GEMM backend offered (`max_autotune_gemm_backends`
+    "CPP", not "CPP,ATEN"): with both, inductor times the two per shape once and keeps the winner in its on-disk
+    autotune cache, and a timing taken while other work shared the CPU then kept the slower ATen kernel for every later
+    chat (measured on a 2-core machine: 26 tok/s instead of 42 on the 256M benchmark model, fp32, until the cache
+    was deleted).
 
     With 16-bit activations (`dtype` bf16 or fp16: bf16 and int8 weight-only models) on CPU, one-token attention is
     lowered to matmul-softmax-matmul: torch's fused CPU attention kernel is about 5x slower than that in bf16 for one
     query over a long cache (measured with torch 2.13: 2.5 ms against 0.45 ms a layer for 16 heads over 1024 cached
-    positions), while in fp32 it is the faster of the two.
+    positions), while in fp32 it is the faster of the two. There, `realize_opcount_threshold` makes inductor store the
+    rotated query once: by default it inlines the rotary embedding (a cos and a sin) into the score loop and computes
+    it again for every cached position, which made attention about a third of a bf16 decode step (0.55 ms a layer over
+    1024 positions).
 
     Args:
         device (`torch.device`): where the model runs.
@@ -78,9 +90,10 @@ def decode_compile_config(device: torch.device, dtype: torch.dtype) -> CompileCo
     """
     if device.type == "cuda":
         return CompileConfig()
-    config = CompileConfig(mode=None, options={"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"})
+    config = CompileConfig(mode=None, options={"max_autotune": True, "max_autotune_gemm_backends": "CPP"})
     if dtype in (torch.bfloat16, torch.float16):
         config.backend = _inductor_with_math_attention  # one function object: equal configs reuse the compiled step
+        config.options["realize_opcount_threshold"] = MATH_ATTENTION_REALIZE_OPCOUNT
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told otherwise
     return config
 
