@@ -13,6 +13,8 @@ reference/ours: above 1 is faster). Load time and peak RSS are measured in one f
 "decode (chat path)" is what `ChatSession` / `llava-ext chat` run by default: a `StaticCache` and a compiled decode
 step (`llava_ext.chat.decode_compile_config` under `decode_compile_settings`: on CPU, frozen weights and inductor's
 C++ GEMM kernels); its compile warm-up is reported on its own line.
+Our prefill is also timed as ChatSession runs it: a bf16/fp16 vision tower on CPU compiled
+(`llava_ext.chat.compiled_vision_tower`); an fp32 one, and the reference's, eager.
 
 Precisions (CPU fp32 runs, `--precisions fp32,bf16,int8`): the same weights cast to bf16, and int8 weight-only
 (`llava_ext.quantization.quantize_int8_weight_only`, the rest of the model in `int8_default_dtype`: bf16 on a CPU with
@@ -42,11 +44,12 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import llava_ext
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
 from llava_ext.chat import (
-    CACHE_BLOCK, decode_compile_config, decode_compile_settings, new_static_cache, truncate_cache,
+    CACHE_BLOCK, compiled_vision_tower, decode_compile_config, decode_compile_settings, new_static_cache,
+    truncate_cache,
 )
 from llava_ext.compat import CACHE_KWARG, BaseStreamer
 from llava_ext.quantization import (
-    cpu_has_native_bf16, int8_default_dtype, quantize_int8_weight_only, stored_bytes,
+    cpu_has_native_bf16, int8_default_dtype, int8_linear_names, quantize_int8_weight_only, stored_bytes,
 )
 
 SIZES = {
@@ -261,10 +264,16 @@ class Runner:
 
     @torch.no_grad()
     def prefill(self, names=("reference", "ours")):
-        return self.alternate(
-            lambda name, model: timed(lambda: model(**self.model_inputs[name], logits_to_keep=1), self.device)[0],
-            names,
-        )
+        """Seconds of a one-image prefill; ours as ChatSession runs it (a 16-bit CPU vision tower compiled, see
+        `llava_ext.chat.compiles_vision_tower`; its compile falls in the warm-up call), the reference eager."""
+
+        def measure(name, model):
+            ours = not name.startswith("reference")
+            tower = compiled_vision_tower(model) if ours else contextlib.nullcontext()
+            with self.settings("chat" if ours else "default"), tower:
+                return timed(lambda: model(**self.model_inputs[name], logits_to_keep=1), self.device)[0]
+
+        return self.alternate(measure, names)
 
     def static_cache(self, name: str, length: int):
         """A static cache sized as ChatSession sizes it, reused (reset) across calls so compiled graphs stay valid."""
@@ -280,7 +289,10 @@ class Runner:
         length = self.inputs["input_ids"].shape[1] + new_tokens
         kwargs = {CACHE_KWARG: self.static_cache(name, length)}
         if path == "chat":
-            kwargs["compile_config"] = decode_compile_config(torch.device(self.device), self.models[name].dtype)
+            model = self.models[name]
+            kwargs["compile_config"] = decode_compile_config(
+                torch.device(self.device), model.dtype, int8_weights=bool(int8_linear_names(model))
+            )
         else:
             kwargs["disable_compile"] = True
         return kwargs

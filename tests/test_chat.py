@@ -1,6 +1,7 @@
 """ChatSession against transformers' own LLaVA on hand-written prompts, its fast paths, and `llava-ext chat` via a pipe;
 the context limit, interrupted answers, sessions sharing a model, and generate()'s batch invariance."""
 
+import copy
 import io
 import os
 import re
@@ -138,6 +139,44 @@ def test_compiled_decode_runs_every_linear_on_inductors_cpp_gemm(processor):
     linears = sum(isinstance(module, torch.nn.Linear) for module in model.model.language_model.modules()) + 1
     assert counters["inductor"]["cpp_templated_kernel_counter"] == linears  # + 1: lm_head
     assert counters["inductor"]["select_algorithm_autotune"] == 0  # one choice per GEMM: nothing timed, nothing cached
+
+
+def test_bf16_vision_tower_runs_compiled_inside_the_context_only(processor):
+    """A bf16 CPU model's vision tower runs compiled in ChatSession's compiled path (its frozen weights, its answers),
+    and is the eager module outside it; a deep copy with other weights gets its own compiled tower."""
+    from llava_ext.chat import compiled_vision_tower, compiles_vision_tower, decode_compile_settings
+
+    torch.manual_seed(3)
+    model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config().to_dict())).eval()
+    assert not compiles_vision_tower(model)  # fp32: eager (the compiled tower gains too little there)
+    model = model.to(torch.bfloat16)
+    assert compiles_vision_tower(model)
+    tower = model.model.vision_tower
+    pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    calls = []
+    tower.encoder.layers[0].register_forward_pre_hook(lambda module, args: calls.append(torch.compiler.is_compiling()))
+
+    def features(copy_of=None):
+        with torch.no_grad():
+            return (copy_of or model).get_image_features(pixel_values).pooler_output[0].float()
+
+    eager = features()
+    with decode_compile_settings(torch.device("cpu")), compiled_vision_tower(model):
+        compiled = features()
+    assert calls == [False, True]  # the second call was traced: the compiled tower ran
+    assert "select_hidden_states" not in tower.__dict__  # the class's eager method again
+    scale = eager.abs().max()
+    torch.testing.assert_close(compiled, eager, atol=0.02 * scale, rtol=0)  # bf16: other kernels, same features
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.vision_tower.embeddings.patch_embedding.weight.normal_(0, 1, generator=torch.Generator().manual_seed(4))
+    twin_eager = features(twin)
+    assert (twin_eager - eager).abs().max() > scale  # the copy's tower computes something else
+    with decode_compile_settings(torch.device("cpu")), compiled_vision_tower(twin):
+        twin_compiled = features(twin)
+    # its own weights, not the original's
+    torch.testing.assert_close(twin_compiled, twin_eager, atol=0.02 * twin_eager.abs().max(), rtol=0)
 
 
 def test_failed_compile_falls_back_to_the_uncompiled_answer(processor):
