@@ -49,7 +49,7 @@ from llava_ext.chat import (
 )
 from llava_ext.compat import CACHE_KWARG, BaseStreamer
 from llava_ext.quantization import (
-    cpu_has_native_bf16, int8_default_dtype, int8_linear_names, quantize_int8_weight_only, stored_bytes,
+    cpu_has_native_bf16, int8_default_dtype, quantize_int8_weight_only, stored_bytes,
 )
 
 SIZES = {
@@ -289,10 +289,7 @@ class Runner:
         length = self.inputs["input_ids"].shape[1] + new_tokens
         kwargs = {CACHE_KWARG: self.static_cache(name, length)}
         if path == "chat":
-            model = self.models[name]
-            kwargs["compile_config"] = decode_compile_config(
-                torch.device(self.device), model.dtype, int8_weights=bool(int8_linear_names(model))
-            )
+            kwargs["compile_config"] = decode_compile_config(torch.device(self.device), self.models[name].dtype)
         else:
             kwargs["disable_compile"] = True
         return kwargs

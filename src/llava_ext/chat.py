@@ -39,8 +39,8 @@ from transformers import (
     DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, logging,
 )
 
-from .compat import CACHE_KWARG, CompileConfig
-from .quantization import int8_linear_names, stored_bytes
+from .compat import CACHE_KWARG, CompileConfig, drop_foreign_compiled_call
+from .quantization import stored_bytes
 
 logger = logging.get_logger(__name__)
 
@@ -63,14 +63,13 @@ def _inductor_with_math_attention(graph, example_inputs, options: dict | None = 
         return compile_fx(graph, example_inputs, config_patches=options or {})
 
 
-def decode_compile_config(device: torch.device, dtype: torch.dtype, int8_weights: bool = False) -> CompileConfig:
+def decode_compile_config(device: torch.device, dtype: torch.dtype) -> CompileConfig:
     """Decode-step compile settings: CUDA graphs on CUDA; on CPU, inductor's C++ GEMM kernels on frozen weights.
 
     Batch-1 decoding on CPU is bound by reading the weights. With the weights frozen into the graph (see
     `decode_compile_settings`), inductor pre-packs them for its own C++ GEMM template, which reads them about twice as
     fast as the MKL GEMV behind `nn.Linear`; the same holds for bf16 weights and for torchao's int8 weight-only layers
-    (inductor's int8 weight-only GEMM, which is not used: see `int8_weights`). The template is the only GEMM backend
-    offered (`max_autotune_gemm_backends`
+    (inductor's int8 weight-only GEMM). The template is the only GEMM backend offered (`max_autotune_gemm_backends`
     "CPP", not "CPP,ATEN"): with both, inductor times the two per shape once and keeps the winner in its on-disk
     autotune cache, and a timing taken while other work shared the CPU then kept the slower ATen kernel for every later
     chat (measured on a 2-core machine: 26 tok/s instead of 42 on the 256M benchmark model, fp32, until the cache
@@ -88,21 +87,10 @@ def decode_compile_config(device: torch.device, dtype: torch.dtype, int8_weights
         device (`torch.device`): where the model runs.
         dtype (`torch.dtype`): the model's floating dtype (`model.dtype`). Required: the fp32 settings on a bf16 or
             int8 weight-only model compiled a decode step that gave wrong tokens (256M benchmark model, torch 2.13).
-        int8_weights (`bool`, *optional*, defaults to `False`): the model has torchao int8 weight-only linears
-            (`llava_ext.quantization.int8_linear_names`). On CPU their GEMMs then stay ATen's int8 kernels, not
-            inductor's template, which compiled wrong decode steps for small models.
     """
     if device.type == "cuda":
         return CompileConfig()
-    if int8_weights:
-        # inductor's C++ int8 weight-only GEMM template: tiny int8 models' compiled steps decoded other tokens than
-        # their uncompiled forward (wrong from the first compiled step; which model went wrong changed with unrelated
-        # fusion settings; torch 2.13). Without max_autotune the int8 linears run ATen's int8 kernel: right answers,
-        # about 0.65x the template's tokens/s on the 256M benchmark model.
-        options = {"max_autotune": False}
-    else:
-        options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-    config = CompileConfig(mode=None, options=options)
+    config = CompileConfig(mode=None, options={"max_autotune": True, "max_autotune_gemm_backends": "CPP"})
     if dtype in (torch.bfloat16, torch.float16):
         config.backend = _inductor_with_math_attention  # one function object: equal configs reuse the compiled step
         config.options["realize_opcount_threshold"] = MATH_ATTENTION_REALIZE_OPCOUNT
@@ -119,12 +107,20 @@ def decode_compile_settings(device: torch.device) -> Iterator[None]:
     - CPU: frozen weights. `freezing` is read when the graph is traced, before `torch.compile`'s per-call options
       apply, so passing it in `decode_compile_config` has no effect. Frozen weights become constants of the compiled
       step: after changing the weights in place, `torch._dynamo.reset()` rebuilds it.
+    - CPU: no on-disk graph caches (inductor's FX graph cache, AOTAutograd's cache). Their keys do not cover the
+      values of frozen torchao int8 weights: a second int8 model of the same shapes, in any later process, was served
+      the first one's compiled step with the first one's weights in it, and decoded the first model's tokens (torch
+      2.13, torchao 0.18). Plain frozen weights bypass those caches anyway; compiled kernels are still cached.
     """
     import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    frozen_weights = inductor_config.patch(freezing=True) if device.type == "cpu" else contextlib.nullcontext()
-    with dynamo_config.patch(suppress_errors=True), frozen_weights:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dynamo_config.patch(suppress_errors=True))
+        if device.type == "cpu":
+            stack.enter_context(inductor_config.patch(freezing=True, fx_graph_cache=False))
+            stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         yield
 
 
@@ -500,9 +496,8 @@ class ChatSession:
                 # (new_images, channels, height, width): earlier images are already in the cache
                 kwargs["pixel_values"] = pixel_values[first_new_image:].to(self.model.device, self.model.dtype)
         if self.compile:
-            kwargs["compile_config"] = decode_compile_config(
-                self.model.device, self.model.dtype, int8_weights=bool(int8_linear_names(self.model))
-            )
+            drop_foreign_compiled_call(self.model)  # a deep copy's, which would decode with the original's weights
+            kwargs["compile_config"] = decode_compile_config(self.model.device, self.model.dtype)
         elif isinstance(cache, StaticCache):
             kwargs["disable_compile"] = True  # transformers would compile a static cache on CUDA by itself
         if "temperature" in generate_kwargs and "do_sample" not in generate_kwargs:
@@ -696,7 +691,9 @@ def load_model_and_processor(
 
     from .convert.io import check_checkpoint_files
     from .processing_llava_ext import LlavaExtProcessor
-    from .quantization import QUANTIZE_CHOICES, _require_torchao, int8_default_dtype, int8_weight_only_config
+    from .quantization import (
+        QUANTIZE_CHOICES, _require_torchao, int8_default_dtype, int8_linear_names, int8_weight_only_config,
+    )
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")

@@ -121,6 +121,22 @@ def keep_used_weight_conversions(model) -> None:
         model._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
 
 
+
+def drop_foreign_compiled_call(model) -> bool:
+    """Forget a compiled `__call__` that `model` holds but that belongs to another model; returns whether it did.
+
+    `generate()` keeps its compiled forward on the model (`_compiled_call`, modeling_utils.py `get_compiled_call`),
+    bound to that model. `copy.deepcopy` copies the attribute as it is, so a copy of a model that has decoded compiled
+    runs the original's forward, with the original's weights (frozen into it on CPU), and answers as the original.
+    """
+    compiled = model.__dict__.get("_compiled_call")
+    owner = getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", model)
+    if owner is model:
+        return False
+    del model.__dict__["_compiled_call"]
+    model.__dict__.pop("_last_compile_config", None)
+    return True
+
 __all__ = [
     "CACHE_KWARG",
     "CHECKPOINTING_ARG",
@@ -133,6 +149,7 @@ __all__ = [
     "BaseStreamer",
     "AutoImageProcessor",
     "CompileConfig",
+    "drop_foreign_compiled_call",
     "LengthGroupedSampler",
     "TrainOutput",
     "auto_model_classes_for",
