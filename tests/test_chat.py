@@ -170,7 +170,8 @@ def test_bf16_vision_tower_runs_compiled_inside_the_context_only(processor):
 
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        twin.model.vision_tower.embeddings.patch_embedding.weight.normal_(0, 1, generator=torch.Generator().manual_seed(4))
+        patch_embedding = twin.model.vision_tower.embeddings.patch_embedding.weight
+        patch_embedding.normal_(0, 1, generator=torch.Generator().manual_seed(4))
     twin_eager = features(twin)
     assert (twin_eager - eager).abs().max() > scale  # the copy's tower computes something else
     with decode_compile_settings(torch.device("cpu")), compiled_vision_tower(twin):

@@ -18,7 +18,8 @@ question about the same image costs a prefill of a few text tokens instead of th
              partial re-prefill, not a wrong answer.
 
 By default the cache is a `StaticCache` (fixed shapes, grown in blocks of `CACHE_BLOCK` tokens) and the decode step
-is `torch.compile`d (on CPU: frozen weights, inductor's C++ GEMM kernels); the first answer pays the compile warm-up.
+is `torch.compile`d (on CPU: frozen weights, inductor's C++ GEMM kernels; a bf16/fp16 vision tower is compiled too);
+the first answer pays the compile warm-up.
 
 Long conversations: a question that would not fit in the context (the text model's `max_position_embeddings`, or
 `max_context`) raises `ContextFullError` before any compute, or makes room by forgetting the oldest turns
@@ -108,9 +109,10 @@ def decode_compile_settings(device: torch.device) -> Iterator[None]:
       apply, so passing it in `decode_compile_config` has no effect. Frozen weights become constants of the compiled
       step: after changing the weights in place, `torch._dynamo.reset()` rebuilds it.
     - CPU: no on-disk graph caches (inductor's FX graph cache, AOTAutograd's cache). Their keys do not cover the
-      values of frozen torchao int8 weights: a second int8 model of the same shapes, in any later process, was served
-      the first one's compiled step with the first one's weights in it, and decoded the first model's tokens (torch
-      2.13, torchao 0.18). Plain frozen weights bypass those caches anyway; compiled kernels are still cached.
+      values of frozen torchao int8 weights: a second int8 model of the same shapes, in the same process or a later
+      one, was served the first one's compiled step with the first one's weights in it, and decoded the first model's
+      tokens (torch 2.13, torchao 0.18). Plain frozen weights bypass those caches anyway; compiled kernels are still
+      cached.
     """
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
@@ -276,7 +278,8 @@ class ChatSession:
             `"static"`: a preallocated cache with fixed shapes, needed for the compiled decode; `"dynamic"`: a cache
             that grows token by token (no compile).
         compile (`bool`, *optional*):
-            Compile the decode step; the first answer pays the warm-up (about 20 s for a 256M model on 2 CPU cores).
+            Compile the decode step (and on CPU a bf16/fp16 vision tower: `compiles_vision_tower`); the first answer
+            pays the warm-up (about 20 s for a 256M model on 2 CPU cores, some 15 s more for a bf16 vision tower).
             Defaults to `True` with a static cache, except on a CPU without the free memory for the compiled step's
             pre-packed copy of the weights (about the model's size kept, twice that while compiling). The weights
             are frozen into the compiled step: after changing them in place, call `torch._dynamo.reset()` so the
@@ -740,6 +743,6 @@ def load_model_and_processor(
 
 __all__ = [
     "CACHE_BLOCK", "ChatSession", "ContextFullError", "compile_memory_shortfall", "compiled_vision_tower",
-    "compiles_vision_tower", "decode_compile_config", "decode_compile_settings", "load_model_and_processor", "new_static_cache", "truncate_cache",
-    "UnpinnedStaticCache",
+    "compiles_vision_tower", "decode_compile_config", "decode_compile_settings", "load_model_and_processor",
+    "new_static_cache", "truncate_cache", "UnpinnedStaticCache",
 ]
