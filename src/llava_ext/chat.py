@@ -40,7 +40,7 @@ from transformers import (
     DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, logging,
 )
 
-from .compat import CACHE_KWARG, CompileConfig, drop_foreign_compiled_call
+from .compat import CACHE_KWARG, CompileConfig, compiled_for, drop_foreign_compiled_call
 from .quantization import stored_bytes
 
 logger = logging.get_logger(__name__)
@@ -152,11 +152,10 @@ def compiled_vision_tower(model) -> Iterator[None]:
         yield
         return
     tower = model.model.vision_tower
-    owner, compiled = tower.__dict__.get("_llava_ext_compiled_select", (None, None))
-    if owner is None or owner() is not tower:  # none yet, or a deep copy's, which would run the original's weights
+    compiled = tower.__dict__.get("_llava_ext_compiled_select")
+    if compiled is None or not compiled_for(compiled, tower):  # none yet, or a deep copy's: the original's weights
         compiled = torch.compile(type(tower).select_hidden_states.__get__(tower))
-        # a plain attribute (not a submodule, not saved); deepcopy keeps the weak reference to the original tower
-        tower.__dict__["_llava_ext_compiled_select"] = (weakref.ref(tower), compiled)
+        tower.__dict__["_llava_ext_compiled_select"] = compiled  # a plain attribute: not a submodule, not saved
     tower.__dict__["select_hidden_states"] = compiled  # shadows the class's method for this instance
     try:
         yield

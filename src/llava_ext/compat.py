@@ -122,6 +122,11 @@ def keep_used_weight_conversions(model) -> None:
 
 
 
+def compiled_for(compiled, owner) -> bool:
+    """Whether `compiled`, a `torch.compile`d bound method, is bound to `owner` (a deep copy of `owner` shares the
+    function object, still bound to the original)."""
+    return getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", None) is owner
+
 def drop_foreign_compiled_call(model) -> bool:
     """Forget a compiled `__call__` that `model` holds but that belongs to another model; returns whether it did.
 
@@ -130,8 +135,7 @@ def drop_foreign_compiled_call(model) -> bool:
     runs the original's forward, with the original's weights (frozen into it on CPU), and answers as the original.
     """
     compiled = model.__dict__.get("_compiled_call")
-    owner = getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", model)
-    if owner is model:
+    if compiled is None or compiled_for(compiled, model):
         return False
     del model.__dict__["_compiled_call"]
     model.__dict__.pop("_last_compile_config", None)
@@ -149,6 +153,7 @@ __all__ = [
     "BaseStreamer",
     "AutoImageProcessor",
     "CompileConfig",
+    "compiled_for",
     "drop_foreign_compiled_call",
     "LengthGroupedSampler",
     "TrainOutput",
