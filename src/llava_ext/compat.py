@@ -121,11 +121,11 @@ def keep_used_weight_conversions(model) -> None:
         model._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
 
 
-
 def compiled_for(compiled, owner) -> bool:
     """Whether `compiled`, a `torch.compile`d bound method, is bound to `owner` (a deep copy of `owner` shares the
     function object, still bound to the original)."""
     return getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", None) is owner
+
 
 def drop_foreign_compiled_call(model) -> bool:
     """Forget a compiled `__call__` that `model` holds but that belongs to another model; returns whether it did.
@@ -140,6 +140,7 @@ def drop_foreign_compiled_call(model) -> bool:
     del model.__dict__["_compiled_call"]
     model.__dict__.pop("_last_compile_config", None)
     return True
+
 
 __all__ = [
     "CACHE_KWARG",
