@@ -132,8 +132,9 @@ def quantize_int8_weight_only(
     Weights are stored as int8 with one scale per output channel; activations stay in the model's floating dtype, so
     a matmul reads a quarter of the fp32 bytes (half of bf16's). Batch-1 decoding reads every weight once per token,
     so it speeds up in proportion under `torch.compile` (inductor turns the dequantize-and-matmul into one int8
-    kernel, `_weight_int8pack_mm` on CPU); uncompiled, each call dequantizes its weight first and is *slower* than
-    the floating model. The vision tower and projector (`skip_modules`) stay as they are.
+    kernel: on CPU, under `chat.decode_compile_config`, its C++ int8 weight-only GEMM); uncompiled, each call
+    dequantizes its weight first and is *slower* than the floating model. The vision tower and projector
+    (`skip_modules`) stay as they are.
 
     To save the result, load with `int8_weight_only_config()` instead: transformers saves a model only through the
     quantizer it was loaded with.
