@@ -1,5 +1,6 @@
 """Parity with transformers' LlavaForConditionalGeneration on the same weights, and what the reference lacks."""
 
+import copy
 import json
 import warnings
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, IMAGE_TOKEN_ID, NUM_PATCHES, PAD_ID, tiny_llava_config
 from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, CompileConfig, LlavaForConditionalGeneration
 
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
 
@@ -120,6 +121,26 @@ def test_pixel_values_reach_the_vision_tower_only_on_prefill():
     batch.pop("labels")
     ours.generate(**batch, max_new_tokens=4, do_sample=False)
     assert len(calls) == 1
+
+
+def test_compiled_generate_on_a_deep_copy_decodes_with_the_copys_weights():
+    """transformers keeps generate()'s compiled forward on the model (`_compiled_call`), bound to that model, and
+    `copy.deepcopy` copies it as it is: the copy must compile its own instead of decoding with the original's weights."""
+    _, original = build_pair(attn_implementation="sdpa", vision="clip", text="llama")
+    batch = left_padded_batch(original.config, num_images=(1,))
+    batch.pop("labels")
+    compile_config = CompileConfig(backend="eager", mode=None)  # dynamo traces the forward; no inductor
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told otherwise
+    greedy = dict(batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+    original.generate(**greedy, compile_config=compile_config)
+    assert "_compiled_call" in original.__dict__  # the compiled path was taken
+
+    other = copy.deepcopy(original)
+    with torch.no_grad():  # every logit moves to the next token id: another greedy answer
+        other.lm_head.weight.copy_(other.lm_head.weight.roll(1, dims=0))
+    expected = other.generate(**greedy, disable_compile=True)
+    assert not torch.equal(expected, original.generate(**greedy, disable_compile=True))
+    assert torch.equal(other.generate(**greedy, compile_config=compile_config), expected)
 
 
 def _logits(model, batch):

@@ -43,6 +43,20 @@ REMOTE_SCRIPT = textwrap.dedent(
     base = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        # a deep copy of a model that has decoded compiled must decode with its own weights, not the original's
+        from transformers import CompileConfig
+        import copy
+        compile_config = CompileConfig(backend="eager", mode=None)
+        compile_config._compile_all_devices = True
+        static = dict(inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+        model.generate(**static, compile_config=compile_config)
+        other = copy.deepcopy(model)
+        other.lm_head.weight.copy_(other.lm_head.weight.roll(1, dims=0))
+        copy_tokens = {
+            "compiled": other.generate(**static, compile_config=compile_config),
+            "eager": other.generate(**static, disable_compile=True),
+            "original": model.generate(**static, disable_compile=True),
+        }
         result = {
             "config_class": type(config).__name__,
             "model_class": type(model).__name__,
@@ -53,6 +67,7 @@ REMOTE_SCRIPT = textwrap.dedent(
             "causal_logits": causal(**inputs).logits,
             "hidden": base(**inputs).last_hidden_state,
             "tokens": tokens,
+            "copy_tokens": copy_tokens,
         }
     torch.save(result, out_path)
     """
@@ -131,4 +146,7 @@ def test_trust_remote_code_round_trip_without_llava_ext(tmp_path):
     torch.testing.assert_close(result["causal_logits"], expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(result["hidden"], expected_hidden, rtol=0, atol=1e-5)
     assert torch.equal(result["tokens"], expected_tokens)
+    copy_tokens = result["copy_tokens"]  # the shipped code compiles its own forward for a deep copy
+    assert torch.equal(copy_tokens["compiled"], copy_tokens["eager"])
+    assert not torch.equal(copy_tokens["eager"], copy_tokens["original"])
     assert "FutureWarning" not in completed.stderr  # no deprecated transformers API on the installed release

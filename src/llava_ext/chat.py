@@ -40,7 +40,8 @@ from transformers import (
     DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, logging,
 )
 
-from .compat import CACHE_KWARG, CompileConfig, compiled_for, drop_foreign_compiled_call
+from .compat import CACHE_KWARG, CompileConfig
+from .modeling_llava_ext import compiled_for, drop_foreign_compiled_call
 from .quantization import stored_bytes
 
 logger = logging.get_logger(__name__)
@@ -498,7 +499,8 @@ class ChatSession:
                 # (new_images, channels, height, width): earlier images are already in the cache
                 kwargs["pixel_values"] = pixel_values[first_new_image:].to(self.model.device, self.model.dtype)
         if self.compile:
-            drop_foreign_compiled_call(self.model)  # a deep copy's, which would decode with the original's weights
+            # our model drops it itself; a stock or older remote-code class would decode with the original's weights
+            drop_foreign_compiled_call(self.model)
             kwargs["compile_config"] = decode_compile_config(self.model.device, self.model.dtype)
         elif isinstance(cache, StaticCache):
             kwargs["disable_compile"] = True  # transformers would compile a static cache on CUDA by itself

@@ -121,27 +121,6 @@ def keep_used_weight_conversions(model) -> None:
         model._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
 
 
-def compiled_for(compiled, owner) -> bool:
-    """Whether `compiled`, a `torch.compile`d bound method, is bound to `owner` (a deep copy of `owner` shares the
-    function object, still bound to the original)."""
-    return getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", None) is owner
-
-
-def drop_foreign_compiled_call(model) -> bool:
-    """Forget a compiled `__call__` that `model` holds but that belongs to another model; returns whether it did.
-
-    `generate()` keeps its compiled forward on the model (`_compiled_call`, modeling_utils.py `get_compiled_call`),
-    bound to that model. `copy.deepcopy` copies the attribute as it is, so a copy of a model that has decoded compiled
-    runs the original's forward, with the original's weights (frozen into it on CPU), and answers as the original.
-    """
-    compiled = model.__dict__.get("_compiled_call")
-    if compiled is None or compiled_for(compiled, model):
-        return False
-    del model.__dict__["_compiled_call"]
-    model.__dict__.pop("_last_compile_config", None)
-    return True
-
-
 __all__ = [
     "CACHE_KWARG",
     "CHECKPOINTING_ARG",
@@ -154,8 +133,6 @@ __all__ = [
     "BaseStreamer",
     "AutoImageProcessor",
     "CompileConfig",
-    "compiled_for",
-    "drop_foreign_compiled_call",
     "LengthGroupedSampler",
     "TrainOutput",
     "auto_model_classes_for",

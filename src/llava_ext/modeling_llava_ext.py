@@ -169,6 +169,30 @@ AUTO_MAP = {
 }
 
 
+def compiled_for(compiled, owner) -> bool:
+    """Whether `compiled`, a `torch.compile`d bound method, is bound to `owner`.
+
+    `copy.deepcopy` copies functions as they are, so a deep copy of a model holds the original's compiled methods,
+    still bound to the original: called on the copy they run the original, with its weights.
+    """
+    return getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", None) is owner
+
+
+def drop_foreign_compiled_call(model) -> bool:
+    """Forget a compiled `__call__` that `model` holds but that belongs to another model; returns whether it did.
+
+    `generate()` keeps its compiled forward on the model (`_compiled_call`, made by `get_compiled_call`), bound to
+    that model. A deep copy of a model that has decoded compiled would decode with the original's weights (frozen into
+    the compiled step on CPU, read through the original otherwise) and answer as the original.
+    """
+    compiled = model.__dict__.get("_compiled_call")
+    if compiled is None or compiled_for(compiled, model):
+        return False
+    del model.__dict__["_compiled_call"]
+    model.__dict__.pop("_last_compile_config", None)
+    return True
+
+
 class LlavaExtPreTrainedModel(PreTrainedModel):
     config_class = LlavaExtConfig
     config: LlavaExtConfig
@@ -450,6 +474,12 @@ class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin)
     def set_output_embeddings(self, new_embeddings: nn.Module):
         self.lm_head = new_embeddings
 
+    def get_compiled_call(self, compile_config):
+        """transformers' compiled forward for `generate()`, made anew on a deep copy (see `drop_foreign_compiled_call`):
+        a copy of a model that had decoded compiled would otherwise decode with the original's weights."""
+        drop_foreign_compiled_call(self)
+        return super().get_compiled_call(compile_config)
+
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -527,4 +557,6 @@ __all__ = [
     "LlavaExtModelOutputWithPast",
     "LlavaExtMultiModalProjector",
     "LlavaExtPreTrainedModel",
+    "compiled_for",
+    "drop_foreign_compiled_call",
 ]
