@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, CompileConfig, LlavaForConditionalGeneration
 
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
+from llava_ext.modeling_llava_ext import compiled_for, drop_foreign_compiled_call
 
 PARITY_CASES = {
     "clip-llama-layer-2-default": dict(vision="clip", text="llama", vision_feature_layer=-2),
@@ -141,6 +142,13 @@ def test_compiled_generate_on_a_deep_copy_decodes_with_the_copys_weights():
     expected = other.generate(**greedy, disable_compile=True)
     assert not torch.equal(expected, original.generate(**greedy, disable_compile=True))
     assert torch.equal(other.generate(**greedy, compile_config=compile_config), expected)
+    assert compiled_for(other._compiled_call, other) and not compiled_for(original._compiled_call, other)
+
+    def wrapper(*args, **kwargs):  # a callable that does not say whom it runs on is kept, not recompiled
+        return other(*args, **kwargs)
+
+    other._compiled_call = wrapper
+    assert not drop_foreign_compiled_call(other) and other._compiled_call is wrapper
 
 
 def _logits(model, batch):

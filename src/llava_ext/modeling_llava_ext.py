@@ -170,12 +170,13 @@ AUTO_MAP = {
 
 
 def compiled_for(compiled, owner) -> bool:
-    """Whether `compiled`, a `torch.compile`d bound method, is bound to `owner`.
+    """Whether `compiled`, a `torch.compile`d bound method, is bound to `owner`; `True` where torch does not say whom
+    it is bound to (a wrapper of another kind), so that nothing is recompiled for want of an answer.
 
     `copy.deepcopy` copies functions as they are, so a deep copy of a model holds the original's compiled methods,
     still bound to the original: called on the copy they run the original, with its weights.
     """
-    return getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", None) is owner
+    return getattr(getattr(compiled, "_torchdynamo_orig_callable", None), "__self__", owner) is owner
 
 
 def drop_foreign_compiled_call(model) -> bool:
