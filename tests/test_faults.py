@@ -26,12 +26,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import tqdm.std
 from conftest import tiny_llava_config
 from test_data import make_processor
 from transformers import AutoModelForImageTextToText, LlamaConfig, TrainingArguments
@@ -224,11 +226,27 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # no handler, no finally, no atexit: what the OOM killer does
 
 
+def private_progress_bar_lock() -> None:
+    """In a forked child: a write lock for tqdm's progress bars that no other process shares.
+
+    tqdm's own lock holds a multiprocessing lock, shared with pytest across the fork: a child killed while drawing a
+    progress bar left it held, every later child then waited on it until its timeout, and so did pytest's own next
+    progress bar, for ever. Its thread lock, copied at the fork, may also be held by a thread the child does not have.
+    """
+    lock = threading.RLock()
+    classes = [tqdm.std.tqdm]  # every subclass (transformers', huggingface_hub's) may hold its own reference
+    while classes:
+        cls = classes.pop()
+        cls.set_lock(lock)
+        classes.extend(cls.__subclasses__())
+
+
 def fork_run(run: Callable[[], object], setup: Callable[[], object] = lambda: None, kill_after: float | None = None,
              timeout: float = 60.0) -> tuple[int, int]:
     """Run `setup(); run()` in a forked child; SIGKILL it after `kill_after` seconds if given. (pid, wait status)."""
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
+        private_progress_bar_lock()
         code = 0
         try:
             setup()
@@ -254,6 +272,24 @@ def fork_run(run: Callable[[], object], setup: Callable[[], object] = lambda: No
 
 def killed(status: int) -> bool:
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@needs_fork
+def test_a_child_killed_while_drawing_a_progress_bar_leaves_the_parents_bars_free():
+    """The kill tests' children draw progress bars (loading weights, writing): one killed mid-draw must not leave
+    pytest's next progress bar waiting for ever on a lock it shared (see `private_progress_bar_lock`)."""
+    tqdm.std.tqdm.get_lock()  # the parent's lock exists before the fork, as once any bar has been drawn
+    shared = getattr(tqdm.std.TqdmDefaultWriteLock, "mp_lock", None)
+    if shared is None:
+        pytest.skip("tqdm has no multiprocessing lock here")
+    pid, status = fork_run(lambda: (tqdm.std.tqdm.get_lock().acquire(), die()))
+    assert killed(status)
+    free = shared.acquire(timeout=5)
+    if free:
+        shared.release()
+    else:
+        private_progress_bar_lock()  # the rest of the session must not wait on the dead child's lock
+    assert free, "a child killed while holding tqdm's lock left the parent's progress bars waiting"
 
 
 def state_after_kill(parent: Path, pid: int, old: dict | None, new: dict) -> str:
