@@ -1,10 +1,19 @@
 """Shared tiny fixtures: vision hidden 32, 2-3 layers, image 32 / patch 8, a character-level tokenizer (vocab 128),
 and `hub`, HfApi with its network calls recorded instead of made."""
 
+import importlib.util
+import os
 import string
 from pathlib import Path
 
-import huggingface_hub
+# transformers 5.25 turns `use_kernels` on in every from_pretrained and requires the `kernels` package for it; where
+# that is not installed (an index without kernels>=0.19.1, `nox -s next`), the tests switch hub kernels off, before
+# transformers is imported (5.24 reads the switch at import). The package itself never does this.
+HUB_KERNELS_SWITCHED_OFF = importlib.util.find_spec("kernels") is None and "USE_HUB_KERNELS" not in os.environ
+if HUB_KERNELS_SWITCHED_OFF:
+    os.environ["USE_HUB_KERNELS"] = "NO"
+
+import huggingface_hub  # noqa: E402 (after the kernels switch)
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
@@ -26,6 +35,10 @@ needs_image_assistant_masks = pytest.mark.skipif(
     not image_assistant_masks_supported(),
     reason="this transformers misaligns assistant masks after image expansion; llava_ext refuses (needs 5.2x)",
 )
+
+# The only time limit a test may set: a guard against a hang, never a speed limit. A subprocess, server or child that
+# runs this long has hung; a slow or shared machine takes a few minutes at most for anything in the suite.
+HANG_GUARD_S = 900
 
 VOCAB_SIZE = 128
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -124,3 +137,21 @@ def hub(monkeypatch) -> list:
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     return calls
+
+
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a subprocess that must not see this one's (no llava_ext on PATH, a private modules cache,
+    no Hub), keeping only the test run's hub-kernels switch."""
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if "USE_HUB_KERNELS" in os.environ:
+        env["USE_HUB_KERNELS"] = os.environ["USE_HUB_KERNELS"]
+    return env
+
+
+def pytest_report_header(config) -> list[str]:
+    """Say in the run's header when hub kernels were switched off for it (see HUB_KERNELS_SWITCHED_OFF)."""
+    if not HUB_KERNELS_SWITCHED_OFF:
+        return []
+    return ["hub kernels: the `kernels` package is not installed, so tests/conftest.py set USE_HUB_KERNELS=NO for this "
+            "run (transformers >= 5.25 would otherwise raise 'Kernels are not available' in from_pretrained); "
+            "what kernels change is not tested here"]

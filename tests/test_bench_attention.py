@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import HANG_GUARD_S
+
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_attention.py"
 
 
@@ -14,7 +16,7 @@ def test_tiny_attention_benchmark_compares_implementations(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH), "--size", "tiny", "--device", "cpu", "--dtype", "float32",
          "--implementations", "sdpa,eager", "--repeats", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["implementations"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_inference.py"
 SPEC = importlib.util.spec_from_file_location("bench_inference", BENCH)
@@ -33,13 +34,15 @@ def positive(value) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # about 80 s: the benchmark compiles decode steps for three precisions
+@pytest.mark.release
 def test_tiny_benchmark_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     precisions = "fp32,bf16,int8" if HAS_TORCHAO else "fp32,bf16"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--size", "tiny", "--repeats", "1", "--load-repeats", "1",
          "--precisions", precisions, "--bandwidth-mib", "64", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -20,7 +20,7 @@ from llava_ext.chat import ChatSession, ContextFullError
 from llava_ext.image_processing_llava_ext import LlavaExtImageProcessor
 from llava_ext.processing_llava_ext import LlavaExtProcessor
 
-from conftest import IMAGE_TOKEN_ID, build_tiny_tokenizer, tiny_llava_config
+from conftest import HANG_GUARD_S, IMAGE_TOKEN_ID, build_tiny_tokenizer, tiny_llava_config
 
 MAX_NEW_TOKENS = 10
 
@@ -180,6 +180,8 @@ def test_bf16_vision_tower_runs_compiled_inside_the_context_only(processor):
     torch.testing.assert_close(twin_compiled, twin_eager, atol=0.02 * twin_eager.abs().max(), rtol=0)
 
 
+@pytest.mark.slow  # about 30 s: dynamo traces the whole decode step before the C++ compile fails
+@pytest.mark.release
 def test_failed_compile_falls_back_to_the_uncompiled_answer(processor):
     """Without a working C++ compiler the compiled CPU decode can't be built: the session answers uncompiled."""
     import torch._inductor.config as inductor_config
@@ -272,7 +274,7 @@ def test_cli_chat_through_a_pipe(models, processor, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "llava_ext.cli", "chat", str(tmp_path / "model"), "--no-compile", "--device", "cpu",
          "--max-new-tokens", str(MAX_NEW_TOKENS)],
-        input=stdin, capture_output=True, text=True, timeout=120, env=env,
+        input=stdin, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "".join(f"{answer}\n" for answer in [*expected, after_reset])
@@ -395,7 +397,7 @@ def test_bad_context_settings_are_named(models, processor):
 
 def ctrl_c_during_generate(model, monkeypatch, call: int = 1, forward_call: int = 3) -> list:
     """Make the `call`-th `model.generate()` send SIGINT to the main thread, as Ctrl-C would, at its `forward_call`-th
-    forward (1 = prefill), then hold the generation until the session's stop criterion is set (at most 30 s).
+    forward (1 = prefill), then hold the generation until the session's stop criterion is set (a hang guard at most).
 
     Returns the threads that ran that generate's forwards, one entry per forward.
     """
@@ -412,7 +414,7 @@ def ctrl_c_during_generate(model, monkeypatch, call: int = 1, forward_call: int 
             forwards.append(threading.get_ident())
             if len(forwards) == forward_call:
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                stop.wait(timeout=30)
+                stop.wait(timeout=HANG_GUARD_S)
 
         handle = model.register_forward_pre_hook(hook, with_kwargs=True)
         try:

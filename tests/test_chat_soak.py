@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from conftest import HANG_GUARD_S
 
 from llava_ext.chat import ChatSession
 
@@ -60,7 +61,7 @@ def soak_in_a_fresh_process(tmp_path, *flags) -> tuple[dict, list[dict]]:
     out = tmp_path / "soak.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--max-new-tokens", str(MAX_NEW_TOKENS), *flags, "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RSS: " in result.stdout and "generate() alone" in result.stdout

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE_SIZE, PATCH_SIZE, build_tiny_tokenizer, tiny_llava_config
+from conftest import HANG_GUARD_S, IMAGE_SIZE, PATCH_SIZE, build_tiny_tokenizer, tiny_llava_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, processors
@@ -214,7 +214,7 @@ def run_without_llava_ext(tmp_path: Path, out: Path, image: Image.Image, prompt:
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     completed = subprocess.run(
         [sys.executable, "remote.py", str(out), str(image_path), prompt, str(result)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return torch.load(result)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 import tqdm.std
-from conftest import tiny_llava_config
+from conftest import HANG_GUARD_S, tiny_llava_config
 from test_data import make_processor
 from transformers import AutoModelForImageTextToText, LlamaConfig, TrainingArguments
 
@@ -242,7 +242,7 @@ def private_progress_bar_lock() -> None:
 
 
 def fork_run(run: Callable[[], object], setup: Callable[[], object] = lambda: None, kill_after: float | None = None,
-             timeout: float = 60.0) -> tuple[int, int]:
+             timeout: float = HANG_GUARD_S) -> tuple[int, int]:
     """Run `setup(); run()` in a forked child; SIGKILL it after `kill_after` seconds if given. (pid, wait status)."""
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest

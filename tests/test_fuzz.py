@@ -20,7 +20,6 @@ import string
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import cache
 
 import numpy as np
@@ -28,7 +27,7 @@ import PIL.Image
 import pytest
 import torch
 from conftest import (
-    BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID, build_tiny_tokenizer, needs_image_assistant_masks,
+    BOS_ID, EOS_ID, HANG_GUARD_S, IMAGE_TOKEN_ID, PAD_ID, build_tiny_tokenizer, needs_image_assistant_masks,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,8 +45,7 @@ EXAMPLES = {
     "collator_text": (40, 700),
     "collator_images": (54, 1500),
 }
-DEADLINE_S = 30  # hypothesis' deadline per example: generous, a shared 2-core CI box is slow, a hang is not
-HANG_S = 120  # a hard per-example limit (SIGALRM): a hang fails the test instead of stalling CI
+HANG_S = HANG_GUARD_S  # a hard per-example limit (SIGALRM): a hang fails the test instead of stalling CI; no deadline
 BUDGETS = [pytest.param("default", id="default"), pytest.param("slow", id="slow", marks=pytest.mark.slow)]
 
 
@@ -55,7 +53,7 @@ def fuzz_settings(budget: str, name: str) -> settings:
     default = budget == "default"
     return settings(
         max_examples=EXAMPLES[name][0 if default else 1],
-        deadline=timedelta(seconds=DEADLINE_S),
+        deadline=None,  # a slow or shared machine is not a failure; hard_time_limit catches hangs
         database=None,  # nothing written into the repository
         derandomize=default,  # CI sees the same examples every run; the slow run explores
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import needs_image_assistant_masks
+from conftest import HANG_GUARD_S, needs_image_assistant_masks
 from safetensors.torch import load_file
 from test_train import CONFIGS, workdir  # noqa: F401 (a fixture: the tiny model, processor and data)
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -112,7 +112,7 @@ def launch(workdir, tmp_path, config: str, *overrides: str) -> Path:
         "--output_dir", str(output), *TINY_RUN, *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINED_WEIGHTS_DIR": str(trained)}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
     assert result.returncode == 0, result.stderr[-5000:]
     return output
 

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, build_tiny_tokenizer, tiny_llava_config
+from conftest import BOS_ID, HANG_GUARD_S, IMAGE_TOKEN_ID, PAD_ID, build_tiny_tokenizer, isolated_env, tiny_llava_config
 from transformers import LlamaTokenizer, LlavaImageProcessorPil, LlavaProcessor, pipeline
 
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration, LlavaExtImageProcessor, LlavaExtProcessor
@@ -278,10 +278,10 @@ def test_auto_processor_trust_remote_code_without_llava_ext(tmp_path):
     expected = ours(images=PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)),
                     text="USER: <image>\nHi ASSISTANT:")
 
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = isolated_env(tmp_path)
     completed = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "out.json")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S, isolated_env
 
 import llava_ext
 import llava_ext.convert.refresh as refresh
@@ -112,11 +113,11 @@ def test_in_place_refresh_installs_the_code_and_keeps_the_weights(checkpoint, ca
 
 def test_refreshed_checkpoint_loads_without_llava_ext_and_matches_0_1_0(checkpoint, tmp_path):
     refresh_checkpoint_code(checkpoint)
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = isolated_env(tmp_path)
     completed = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(checkpoint), str(FIXTURE / "expected.pt"),
          str(FIXTURE / "image.png"), PROMPT, str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt")

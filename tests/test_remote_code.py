@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, NUM_PATCHES, tiny_llava_config
+from conftest import HANG_GUARD_S, IMAGE_TOKEN_ID, NUM_PATCHES, isolated_env, tiny_llava_config
 
 import llava_ext
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration
@@ -130,11 +130,11 @@ def test_trust_remote_code_round_trip_without_llava_ext(tmp_path):
         expected_hidden = model.model(**inputs).last_hidden_state
         expected_tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = isolated_env(tmp_path)
     completed = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "inputs.pt"),
          str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt")

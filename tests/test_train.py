@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_image_assistant_masks, tiny_llava_config, write_color_dataset
+from conftest import HANG_GUARD_S, needs_image_assistant_masks, tiny_llava_config, write_color_dataset
 from PIL import Image
 from safetensors.torch import load_file
 from test_data import SAMPLES, make_processor
@@ -182,7 +182,7 @@ def test_torchrun_two_processes(workdir):
         "--on_bad_sample", "skip",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in result.stdout + result.stderr
     # each process reads its own shard; the flags are summed over both before rank 0 reports, each sample once

@@ -9,7 +9,9 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import BOS_ID, IMAGE_TOKEN_ID, NUM_PATCHES, needs_image_assistant_masks, tiny_llava_config
+from conftest import (
+    BOS_ID, HANG_GUARD_S, IMAGE_TOKEN_ID, NUM_PATCHES, isolated_env, needs_image_assistant_masks, tiny_llava_config,
+)
 from PIL import Image
 from test_data import make_processor
 
@@ -111,11 +113,11 @@ def reload_without_llava_ext(tmp_path, model_dir, adapter_dir=""):
     """Run RELOAD_SCRIPT in a fresh Python; returns its saved inputs and logits."""
     image_path = tmp_path / "question.png"
     Image.new("RGB", (32, 32), COLORS["red"]).save(image_path)
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = isolated_env(tmp_path)
     completed = subprocess.run(
         [sys.executable, "-c", RELOAD_SCRIPT, str(model_dir), str(adapter_dir), str(image_path), QUESTION,
          str(tmp_path / "reloaded.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return torch.load(tmp_path / "reloaded.pt"), Image.open(image_path)
