@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import io
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -22,15 +23,14 @@ import openai
 import PIL.Image
 import pytest
 import torch
-from conftest import NUM_PATCHES, VOCAB_SIZE, build_tiny_tokenizer, tiny_llava_config
+from conftest import HANG_GUARD_S, NUM_PATCHES, VOCAB_SIZE, build_tiny_tokenizer, tiny_llava_config
 
 import llava_ext.cli
 import llava_ext.serve
 from llava_ext import LlavaExtConfig, LlavaExtForConditionalGeneration, LlavaExtImageProcessor, LlavaExtProcessor
 
 MAX_TOKENS = 6
-READY_TIMEOUT_S = 120  # start-up imports torch and transformers and loads the model: ~20-40 s on a busy 2-core CPU
-REQUEST_TIMEOUT_S = 60
+READY_TIMEOUT_S = REQUEST_TIMEOUT_S = HANG_GUARD_S  # hang guards only: start-up takes ~20-40 s on a busy 2-core CPU
 
 
 def tiny_checkpoint(path: Path, **config_kwargs) -> tuple[LlavaExtForConditionalGeneration, LlavaExtProcessor]:
@@ -219,7 +219,8 @@ def test_unreadable_image_is_a_400_and_the_server_stays_up(server):
 def test_a_pinned_server_refuses_another_model(server):
     with pytest.raises(openai.BadRequestError) as error:
         server.ask([user("Hi")], model="some/other-model")
-    assert "pinned" in error.value.response.json()["detail"]
+    body = error.value.response.json()  # FastAPI's {"detail"} up to 5.24; from 5.25 a ValueError, answered OpenAI-style
+    assert "pinned" in (body["detail"] if "detail" in body else body["error"]["message"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +246,8 @@ def test_vision_feature_layer_0_checkpoint_with_remote_code(tmp_path):
 
 @pytest.fixture
 def serve_globals(monkeypatch):
-    """What `enable_transformers_serve` changes in this process (serve's tables, `build_server`), restored after."""
+    """What `enable_transformers_serve` changes in this process (serve's tables, `build_server`, from 5.25 its
+    `ModelLoader`), restored after."""
     from transformers.cli.serving import server as server_module
     from transformers.models.auto import modeling_auto
 
@@ -253,6 +255,10 @@ def serve_globals(monkeypatch):
         table = getattr(modeling_auto, name)
         monkeypatch.setattr(modeling_auto, name, type(table)(table))
     monkeypatch.setattr(server_module, "build_server", server_module.build_server)
+    from transformers.cli.serving import model_manager
+
+    if hasattr(model_manager, "ModelLoader"):  # 5.25+
+        monkeypatch.setattr(model_manager, "ModelLoader", model_manager.ModelLoader)
     return modeling_auto, server_module
 
 
@@ -286,24 +292,60 @@ def test_missing_serving_packages_are_named(monkeypatch):
 
 def test_a_release_without_transformers_serve_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers.cli.serve", None)  # `import` now raises ImportError
-    with pytest.raises(ImportError, match=r"has no `transformers serve`.*transformers 5\.17 to 5\.24"):
+    with pytest.raises(ImportError, match=r"has no `transformers serve`.*transformers 5\.17 to 5\.25"):
         llava_ext.serve.transformers_serve_command()
 
 
+def serve_modality(model):
+    """What serve takes `model` for: ModelManager.get_model_modality(model) up to 5.24 (a ValueError for an unknown
+    one), ModelLoader.get_model_modality(config) from 5.25 (None for an unknown one)."""
+    from transformers.cli.serving import model_manager
+
+    if hasattr(model_manager.ModelManager, "get_model_modality"):
+        try:
+            return model_manager.ModelManager.get_model_modality(model)
+        except ValueError as error:
+            assert "Unknown modality" in str(error)
+            return None
+    return model_manager.ModelLoader.get_model_modality(model.config)
+
+
 def test_enable_lists_llava_ext_beside_llava_once(serve_globals):
-    from transformers.cli.serving.model_manager import ModelManager
+    from transformers import LlavaForConditionalGeneration
     from transformers.cli.serving.utils import Modality
 
     modeling_auto, server_module = serve_globals
     model = LlavaExtForConditionalGeneration(LlavaExtConfig(**tiny_llava_config().to_dict()))
-    with pytest.raises(ValueError, match="Unknown modality"):  # what transformers serve does on its own
-        ModelManager.get_model_modality(model)
+    assert serve_modality(model) is None  # what transformers serve does on its own
 
     llava_ext.serve.enable_transformers_serve()
     wrapped = server_module.build_server
     llava_ext.serve.enable_transformers_serve()
     assert server_module.build_server is wrapped  # not wrapped twice
-    assert ModelManager.get_model_modality(model) == ModelManager.get_model_modality(
-        type("LlavaForConditionalGeneration", (), {})())  # as stock llava
-    assert ModelManager.get_model_modality(model) in (Modality.VLM, Modality.MULTIMODAL)
+    assert serve_modality(model) == serve_modality(LlavaForConditionalGeneration(tiny_llava_config()))  # as stock
+    assert serve_modality(model) in (Modality.VLM, Modality.MULTIMODAL)
     assert modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES["llava_ext"] == "LlavaExtForConditionalGeneration"
+
+
+def test_serves_loader_brings_llava_ext_into_the_processes_serve_spawns(serve_globals, tmp_path):
+    """5.25+ loads models in spawned processes: unpickling serve's loader there imports and enables llava_ext."""
+    from transformers.cli.serving import model_manager
+
+    if not hasattr(model_manager, "ModelLoader"):
+        pytest.skip("this transformers serve loads models in its own process (no ModelLoader)")
+    llava_ext.serve.enable_transformers_serve()
+    loader = model_manager.ModelLoader(device="cpu")  # as Serve.__init__ builds it, once enabled
+    script = (
+        "import pickle, sys\n"
+        "loader = pickle.loads(sys.stdin.buffer.read())\n"
+        "from transformers.models.auto import modeling_auto\n"
+        "print(type(loader).__mro__[1].__name__, 'llava_ext' in sys.modules, loader.device,\n"
+        "      modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.get('llava_ext'))\n"
+    )
+    completed = subprocess.run(  # a fresh interpreter, as multiprocessing's spawn starts one
+        [sys.executable, "-c", script], input=pickle.dumps(loader), capture_output=True, timeout=HANG_GUARD_S,
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr.decode()[-3000:]
+    last = completed.stdout.decode().strip().splitlines()[-1]
+    assert last == "ModelLoader True cpu LlavaExtForConditionalGeneration"

@@ -75,8 +75,12 @@ SERVE_MODULE = "transformers.cli.serve"
 #   in both.
 MODEL_TABLES_MODULE = "transformers.models.auto.modeling_auto"
 SERVE_MODEL_TABLES = ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
-# - `build_server(...) -> FastAPI`, imported from this module by `Serve.__init__` when the command runs (5.17-5.24).
+# - `build_server(...) -> FastAPI`, imported from this module by `Serve.__init__` when the command runs (5.17-5.25).
 SERVER_MODULE = "transformers.cli.serving.server"
+# - `ModelLoader` (5.25): how serve loads models. From 5.25 each model runs in a process serve spawns, and so may
+#   each API server (`--api-server-count`); a copy of the loader is pickled into each. `Serve.__init__` imports the
+#   class from this module when the command runs. 5.17-5.24 have no such class and load in the server's own process.
+MODEL_LOADER_MODULE = "transformers.cli.serving.model_manager"
 
 
 def auto_model_classes_for(model_type: str) -> list[type]:

@@ -3,7 +3,7 @@
 Nothing here is a server: `enable_transformers_serve()` teaches transformers' serving stack about llava_ext, and
 `transformers_serve_command()` hands back transformers' own `serve` command to run. A chat request's path through serve,
 and where a stock `transformers serve CKPT` fails a llava_ext checkpoint (read in `transformers/cli/serving/`, 5.17 to
-5.24):
+5.25):
 
     POST /v1/chat/completions
       -> ModelManager._load_model:     model type in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES?
@@ -13,6 +13,11 @@ and where a stock `transformers serve CKPT` fails a llava_ext checkpoint (read i
       -> ModelManager.get_model_modality: class name in the multimodal-LM or image-text-to-text table?
                                           no:  ValueError("Unknown modality ...") -> HTTP 500 on every request
       -> processor.apply_chat_template(..., tokenize=True) loads the images; a bad one raises ValueError -> HTTP 500
+
+From 5.25 serve loads each model in a process of its own, started with `spawn` (and with `--api-server-count N`, N
+API servers too): a fresh interpreter that has not imported llava_ext, whose `AutoProcessor` then refuses the
+checkpoint's code ("contains custom code which must be executed"). The server's `ModelLoader`, pickled into each of
+those processes, is llava_ext's subclass there, and unpickling it imports llava_ext and enables serve in that process.
 
 `enable_transformers_serve()` lists llava_ext in the tables where transformers lists its own llava, so serve loads and
 treats a llava_ext checkpoint exactly as it does a stock LLaVA one, with the installed llava_ext classes (transformers
@@ -29,7 +34,7 @@ import logging
 
 import transformers
 
-from .compat import MODEL_TABLES_MODULE, SERVE_MODEL_TABLES, SERVE_MODULE, SERVER_MODULE
+from .compat import MODEL_LOADER_MODULE, MODEL_TABLES_MODULE, SERVE_MODEL_TABLES, SERVE_MODULE, SERVER_MODULE
 from .configuration_llava_ext import LlavaExtConfig
 from .modeling_llava_ext import LlavaExtForConditionalGeneration
 
@@ -62,7 +67,7 @@ def transformers_serve_command(epilog: str | None = None):
     except (ImportError, AttributeError) as error:
         raise ImportError(
             f"transformers {transformers.__version__} has no `transformers serve` ({SERVE_MODULE}.Serve: {error}); "
-            "llava-ext serve runs transformers' own server, found in transformers 5.17 to 5.24 (tested): "
+            "llava-ext serve runs transformers' own server, found in transformers 5.17 to 5.25 (tested): "
             "pip install 'transformers>=5.17,<6'."
         ) from error
     missing = _missing_requirements()
@@ -119,13 +124,49 @@ def _answer_value_errors_with_400() -> None:
     server_module.build_server = build_server_answering_400
 
 
+@functools.cache
+def _model_loader_class() -> type | None:
+    """serve's `ModelLoader` (5.25+) as a subclass that brings llava_ext into the processes serve spawns; None before."""
+    try:
+        base = getattr(importlib.import_module(MODEL_LOADER_MODULE), "ModelLoader", None)
+    except ImportError:  # a release whose serving stack is laid out otherwise has no loader to pickle either
+        base = None
+    if base is None:
+        return None
+
+    class LlavaExtModelLoader(base):
+        """transformers serve's `ModelLoader`; a copy unpickled in a spawned process (the model's, an API server)
+        imports llava_ext (this module) and enables serve there before anything loads."""
+
+        def __setstate__(self, state: dict) -> None:
+            enable_transformers_serve()
+            self.__dict__.update(state)
+
+    # pickle records a class by module and qualified name: this module's `__getattr__` builds it in the new process
+    LlavaExtModelLoader.__module__, LlavaExtModelLoader.__qualname__ = __name__, LlavaExtModelLoader.__name__
+    return LlavaExtModelLoader
+
+
+def __getattr__(name: str):
+    if name == "LlavaExtModelLoader" and _model_loader_class() is not None:
+        return _model_loader_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _load_in_spawned_processes_too() -> None:
+    """Make serve (5.25+) build its `ModelLoader` from llava_ext's subclass; nothing on releases without one."""
+    loader_class = _model_loader_class()
+    if loader_class is not None:
+        importlib.import_module(MODEL_LOADER_MODULE).ModelLoader = loader_class
+
+
 def enable_transformers_serve() -> None:
     """Let `transformers serve`, run in this process, serve llava_ext checkpoints; safe to call more than once.
 
     Lists llava_ext in serve's model tables wherever transformers lists its llava (serve then loads the model through
     `AutoModelForMultimodalLM`, where `import llava_ext` registered it, and keeps a request's images), and makes the
-    server answer a request that raises `ValueError` with HTTP 400 and the message, not 500. Call it before the server
-    starts; for Python use:
+    server answer a request that raises `ValueError` with HTTP 400 and the message, not 500; from 5.25, the same in the
+    processes serve spawns (the model's, the API servers). Call it before the server starts; for Python use:
 
     ```python
     >>> from transformers.cli.serve import Serve
@@ -135,6 +176,7 @@ def enable_transformers_serve() -> None:
     """
     _list_llava_ext_where_llava_is()
     _answer_value_errors_with_400()
+    _load_in_spawned_processes_too()
 
 
 __all__ = ["SERVE_REQUIREMENTS", "enable_transformers_serve", "transformers_serve_command"]
