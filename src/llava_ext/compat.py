@@ -114,6 +114,17 @@ def register_stock_checkpoint_layout(ours_to_stock: dict[str, str]) -> bool:
     return True
 
 
+def default_progress_callback() -> type:
+    """The callback `Trainer.__init__` adds to draw its progress bar unless `disable_tqdm` (then `PrinterCallback`).
+
+    `transformers.trainer.DEFAULT_PROGRESS_CALLBACK` on 5.17-5.25: `ProgressCallback`, or `NotebookProgressCallback` in
+    a notebook. Imported when asked for, since `import llava_ext` does not load `Trainer`.
+    """
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+
+    return DEFAULT_PROGRESS_CALLBACK
+
+
 def keep_used_weight_conversions(model) -> None:
     """Keep only the key renamings that matched the checkpoint, for save_pretrained to reverse.
 
@@ -141,6 +152,7 @@ __all__ = [
     "TrainOutput",
     "auto_model_classes_for",
     "custom_object_save",
+    "default_progress_callback",
     "get_last_checkpoint",
     "keep_used_weight_conversions",
     "load_image",

@@ -8,12 +8,16 @@
 Everything runs through the library's public path: `LlavaConversationDataset`, `LlavaExtDataCollator`, the
 `llava-ext train` machinery (`llava_ext.train.train`) and the bundled `llava-1.5` chat template. Nothing is downloaded.
 The stage-2 recipe is also in `configs/demo-shapes.yaml`, to rerun by hand on the generated data.
+
+`run_demo` prints nothing itself: it names each of its six stages to an `on_stage` callback ("[4/6] stage 1: ...")
+and draws progress bars, and it leaves transformers' log level to the caller (`llava-ext demo --verbose` sets INFO).
 """
 
 import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,12 +26,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+# tqdm.auto, as Trainer's own bars: the demo's bars follow `show_progress` as Trainer's do, not transformers'
+# `disable_progress_bar()` switch (through compat.tqdm), which `llava-ext demo` flips to hide its load/save bars.
+from tqdm.auto import tqdm
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     PreTrainedTokenizerFast,
+    ProgressCallback,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -47,6 +57,7 @@ COLOR_QUESTIONS = ("What color is the shape?", "Which color does the shape have?
 CHANCE_ACCURACY = 0.5 * (1 / len(SHAPES) + 1 / len(COLORS))  # half the questions about each
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+NUM_STAGES = 6  # data, tokenizer, model, stage 1, stage 2, reload + evaluate: the "[k/6]" of each on_stage line
 
 
 @dataclass
@@ -116,11 +127,13 @@ def draw_shape(shape: str, color: str, rng: random.Random, size: int = 32) -> Im
     return image
 
 
-def make_shapes_dataset(folder: str | Path, num_images: int, seed: int, split: str, image_size: int = 32) -> Path:
+def make_shapes_dataset(
+    folder: str | Path, num_images: int, seed: int, split: str, image_size: int = 32, show_progress: bool = False
+) -> Path:
     """Draw `num_images` shapes into `folder/images/` and write `folder/{split}.json` in the LLaVA format.
 
     Each sample asks about the shape and the colour in random order (stage 2), and `folder/{split}-captions.json`
-    holds one caption per image ("a red circle", stage 1).
+    holds one caption per image ("a red circle", stage 1). `show_progress` draws a progress bar over the images.
 
     Returns:
         The path of the question-answer JSON file.
@@ -129,7 +142,7 @@ def make_shapes_dataset(folder: str | Path, num_images: int, seed: int, split: s
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     qa, captions = [], []
-    for index in range(num_images):
+    for index in tqdm(range(num_images), desc=f"{split} images", unit="image", disable=not show_progress):
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         name = f"images/{split}-{index:05d}.png"
         draw_shape(shape, color, rng, image_size).save(folder / name)
@@ -153,8 +166,9 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(  # no progress display: it trains in well under a second
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer=trainer)
     backend.post_processor = processors.TemplateProcessing(
@@ -201,6 +215,31 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, settings: DemoSettings):
     )
 
 
+class _LossInProgressBar(ProgressCallback):
+    """Trainer's progress bar, named `description`, with the last logged loss as its postfix instead of a printed line
+    per log (`ProgressCallback.on_log` writes each logs dict above the bar)."""
+
+    def __init__(self, description: str):
+        super().__init__()
+        self.description = description
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:  # None on processes other than the main one
+            self.training_bar.set_description(self.description, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
+def _progress_callback(settings: DemoSettings, verbose: bool, description: str) -> TrainerCallback | None:
+    """How a stage shows its progress: Trainer's own display when verbose, else the bar with the loss, or nothing."""
+    if verbose:
+        return None  # its bar writing every logged loss on a line, or PrinterCallback printing them (--no-progress)
+    return _LossInProgressBar(description) if settings.show_progress else TrainerCallback()
+
+
 def _training_arguments(output_dir: Path, settings: DemoSettings, stage: int) -> TrainingArguments:
     stage1 = stage == 1
     return TrainingArguments(
@@ -218,13 +257,18 @@ def _training_arguments(output_dir: Path, settings: DemoSettings, stage: int) ->
         dataloader_num_workers=1,  # collation (tokenize + image processing) overlaps the step
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not settings.show_progress,
-        log_level="info" if settings.show_progress else "warning",
+        # the caller's log level stays: "info" here made Trainer turn transformers' INFO logs on for the whole process
+        log_level="passive",
     )
 
 
 @torch.inference_mode()
-def evaluate(model_dir: str | Path, data_path: str | Path, num_questions: int, batch_size: int = 50):
+def evaluate(
+    model_dir: str | Path, data_path: str | Path, num_questions: int, batch_size: int = 50, show_progress: bool = False
+):
     """Reload `model_dir` with the Auto classes (`trust_remote_code=True`) and answer one question per image greedily.
+
+    `show_progress` draws a progress bar over the questions.
 
     Returns:
         `(accuracy, [(question, expected, answer), ...])`.
@@ -235,6 +279,7 @@ def evaluate(model_dir: str | Path, data_path: str | Path, num_questions: int, b
     dataset = LlavaConversationDataset(data_path)
     num_questions = min(num_questions, len(dataset))
     results = []
+    progress = tqdm(total=num_questions, desc="held-out questions", unit="question", disable=not show_progress)
     for start in range(0, num_questions, batch_size):
         items = [dataset[index] for index in range(start, min(start + batch_size, num_questions))]
         conversations = [item["messages"][:1] for item in items]  # the question (with its image); not the answer
@@ -249,6 +294,8 @@ def evaluate(model_dir: str | Path, data_path: str | Path, num_questions: int, b
         generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         results += [(q, a, answer.strip()) for (q, a), answer in zip(expected, answers)]
+        progress.update(len(items))
+    progress.close()
     accuracy = sum(answer == expected for _, expected, answer in results) / len(results)
     return accuracy, results
 
@@ -258,14 +305,22 @@ def run_demo(
     quick: bool = False,
     show_progress: bool = True,
     settings: DemoSettings | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> DemoResult:
     """Generate data, build a tiny LLaVA, train stage 1 and stage 2, reload from disk and measure accuracy.
 
     Args:
         output_dir (`str`): where data, the initial model, the stage-1 and the final checkpoint go.
         quick (`bool`): the shortened CI schedule (fewer images and steps; accuracy well above chance, not 95%).
-        show_progress (`bool`): show Trainer's progress bars and logs.
+        show_progress (`bool`): progress bars for drawing the images, the two training stages (the last logged loss
+            as each bar's postfix) and the evaluation.
         settings (`DemoSettings`, *optional*): sizes and schedule; overrides `quick`.
+        on_stage (`Callable[[str], None]`, *optional*): called as each of the six stages starts, with one line
+            naming it, e.g. `"[4/6] stage 1: training the projector on 1200 captions (0.25 epochs)"`.
+        verbose (`bool`): Trainer's own progress display, which writes every logged loss and the run's summary on
+            lines of their own. transformers' INFO logs also need its log level set, e.g.
+            `transformers.logging.set_verbosity_info()`; the demo leaves it as it finds it.
 
     Returns:
         `DemoResult` with accuracy on held-out images, wall time and a few sample answers.
@@ -275,45 +330,64 @@ def run_demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices gain nothing from more threads; the data worker takes the other core
     try:
-        return _run_demo_steps(Path(output_dir), settings)
+        return _run_demo_steps(Path(output_dir), settings, on_stage or (lambda line: None), verbose)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo_steps(output_dir: Path, settings: DemoSettings) -> DemoResult:
+def _epochs(count: float) -> str:
+    """A number of epochs in words: 1 epoch, 0.25 epochs."""
+    return f"{count:g} epoch" + ("" if count == 1 else "s")
+
+
+def _run_demo_steps(
+    output_dir: Path, settings: DemoSettings, on_stage: Callable[[str], None], verbose: bool
+) -> DemoResult:
+    def stage(number: int, description: str) -> None:
+        on_stage(f"[{number}/{NUM_STAGES}] {description}")
+
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     data = output_dir / "data"
-    size = settings.image_size
-    train_path = make_shapes_dataset(data, settings.train_images, settings.seed, "train", size)
-    eval_path = make_shapes_dataset(data, settings.eval_questions, settings.seed + 1, "heldout", size)
+    size, progress = settings.image_size, settings.show_progress
+    stage(1, f"drawing {settings.train_images} training and {settings.eval_questions} held-out images into {data}")
+    train_path = make_shapes_dataset(data, settings.train_images, settings.seed, "train", size, progress)
+    eval_path = make_shapes_dataset(data, settings.eval_questions, settings.seed + 1, "heldout", size, progress)
     # the held-out questions also as an eval file: `llava-ext eval OUT/final --data OUT/data/heldout.jsonl`
     eval_records_from_conversations(eval_path, data / "heldout.jsonl")
 
+    stage(2, "training a byte-level BPE tokenizer on the training texts")
     records = json.loads(train_path.read_text()) + json.loads((data / "train-captions.json").read_text())
     corpus = [turn["value"] for record in records for turn in record["conversations"]]
     corpus += ["USER: ASSISTANT: SYSTEM: A chat between a curious human and an artificial intelligence assistant."]
     tokenizer = train_tokenizer(corpus)
     processor = build_processor(tokenizer, settings)
-    model = build_tiny_llava(tokenizer, settings)
     initial = output_dir / "initial"
+    stage(3, f"building a tiny LLaVA (CLIP-style ViT + 2-layer Llama) from config into {initial}")
+    model = build_tiny_llava(tokenizer, settings)
     model.save_pretrained(initial)
     processor.save_pretrained(initial)
 
     # Stage 1: align the projector to a frozen (here: random) LM on captions. Stage 2: the tiny ViT is trained from
     # scratch, so unlike LLaVA-1.5 there is nothing pretrained to protect and every part trains.
     stage1, final = output_dir / "stage1", output_dir / "final"
+    images, epochs1, epochs2 = settings.train_images, _epochs(settings.stage1_epochs), _epochs(settings.stage2_epochs)
+    stage(4, f"stage 1: training the projector on {images} captions ({epochs1})")
     train(
         ModelArguments(model_name_or_path=str(initial), freeze_vision_tower=True, freeze_language_model=True),
         DataArguments(data_path=str(data / "train-captions.json")),
         _training_arguments(stage1, settings, stage=1),
+        _progress_callback(settings, verbose, "stage 1"),
     )
+    stage(5, f"stage 2: training everything on {images} question pairs ({epochs2})")
     train(
         ModelArguments(model_name_or_path=str(stage1), freeze_vision_tower=False, freeze_language_model=False),
         DataArguments(data_path=str(train_path)),
         _training_arguments(final, settings, stage=2),
+        _progress_callback(settings, verbose, "stage 2"),
     )
-    accuracy, results = evaluate(final, eval_path, settings.eval_questions)
+    stage(6, f"reloading {final} (trust_remote_code=True) and answering {settings.eval_questions} held-out questions")
+    accuracy, results = evaluate(final, eval_path, settings.eval_questions, show_progress=progress)
     return DemoResult(
         accuracy=accuracy, num_questions=len(results), seconds=time.perf_counter() - started,
         output_dir=str(final), samples=results[:6],

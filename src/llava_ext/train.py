@@ -39,13 +39,15 @@ from transformers import (
     AutoProcessor,
     HfArgumentParser,
     PreTrainedModel,
+    PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
 from .compat import (
-    CHECKPOINTING_ARG, CHECKPOINTING_ARGS, LengthGroupedSampler, TrainOutput, get_last_checkpoint,
-    keep_used_weight_conversions,
+    CHECKPOINTING_ARG, CHECKPOINTING_ARGS, LengthGroupedSampler, TrainOutput, default_progress_callback,
+    get_last_checkpoint, keep_used_weight_conversions,
 )
 from .convert.io import atomic_directory, check_checkpoint_files, check_output_free
 from .data import LlavaConversationDataset, LlavaExtDataCollator, skip_summary
@@ -405,7 +407,10 @@ def _quantized_load_kwargs(model_args: ModelArguments, training_args: TrainingAr
 
 
 def build_trainer(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    progress_callback: TrainerCallback | None = None,
 ) -> LlavaExtTrainer:
     """Load the model (its language model in `model_args.bits` bits) and processor, freeze, add LoRA, and return a
     ready `LlavaExtTrainer`.
@@ -413,6 +418,9 @@ def build_trainer(
     Args:
         model_args (`ModelArguments`), data_args (`DataArguments`), training_args (`TrainingArguments`):
             as returned by `parse_config`.
+        progress_callback (`TrainerCallback`, *optional*): shows the run's progress in place of Trainer's own
+            (`ProgressCallback`'s bar, which writes each log on a line of its own, or with `disable_tqdm`
+            `PrinterCallback`'s printed logs); a bare `TrainerCallback()` shows nothing.
     """
     if model_args.bits < 16:  # a machine that cannot run bitsandbytes is told before anything loads
         check_bitsandbytes_environment(model_args.bits)
@@ -467,7 +475,7 @@ def build_trainer(
     training_args.remove_unused_columns = False  # items are conversations; the collator makes the model inputs
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
-    return LlavaExtTrainer(
+    trainer = LlavaExtTrainer(
         model=model,
         args=training_args,
         data_collator=collator,
@@ -475,19 +483,28 @@ def build_trainer(
         eval_dataset=datasets[1],
         processing_class=processor,  # saved into every checkpoint, so each one loads with AutoProcessor
     )
+    if progress_callback is not None:  # Trainer.__init__ added one of these two; a second display would draw twice
+        trainer.pop_callback(PrinterCallback if training_args.disable_tqdm else default_progress_callback())
+        trainer.add_callback(progress_callback)
+    return trainer
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainOutput:
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    progress_callback: TrainerCallback | None = None,
+) -> TrainOutput:
     """Run a training job and save the final model (or LoRA adapter) and processor in `output_dir`.
 
     `training_args.resume_from_checkpoint` may be a checkpoint folder, or `"last"` / `"true"` for the newest
-    `checkpoint-N` in `output_dir`.
+    `checkpoint-N` in `output_dir`. `progress_callback` replaces Trainer's progress display, as in `build_trainer`.
 
     Returns:
         transformers' `TrainOutput` (global step, training loss, metrics; `metrics["train_skipped_samples"]` counts
         the samples `on_bad_sample="skip"` left out, see `LlavaExtTrainer`).
     """
-    trainer = build_trainer(model_args, data_args, training_args)
+    trainer = build_trainer(model_args, data_args, training_args, progress_callback)
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("last", "true"):
         resume = get_last_checkpoint(training_args.output_dir)
