@@ -148,10 +148,19 @@ def isolated_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+HUB_KERNELS_NOTE = (
+    "hub kernels: the `kernels` package is not installed, so tests/conftest.py set USE_HUB_KERNELS=NO for this run "
+    "(transformers >= 5.25 would otherwise raise 'Kernels are not available' in from_pretrained); what kernels change "
+    "is not tested here"
+)
+
+
 def pytest_report_header(config) -> list[str]:
     """Say in the run's header when hub kernels were switched off for it (see HUB_KERNELS_SWITCHED_OFF)."""
-    if not HUB_KERNELS_SWITCHED_OFF:
-        return []
-    return ["hub kernels: the `kernels` package is not installed, so tests/conftest.py set USE_HUB_KERNELS=NO for this "
-            "run (transformers >= 5.25 would otherwise raise 'Kernels are not available' in from_pretrained); "
-            "what kernels change is not tested here"]
+    return [HUB_KERNELS_NOTE] if HUB_KERNELS_SWITCHED_OFF else []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """And again beside the result, which `-q` runs (whose header is hidden) show too."""
+    if HUB_KERNELS_SWITCHED_OFF:
+        terminalreporter.write_line(HUB_KERNELS_NOTE)
