@@ -187,8 +187,10 @@ def test_streamed_chat_with_an_image_path_equals_local_generate(server):
     chunks = list(server.ask([user("Describe", image)], stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [chunk.choices[0].finish_reason for chunk in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    # A server-sent event stream, ending with its finish reason; how many tokens a chunk carries is the server's
+    # choice: from 5.25 the model runs in a process of its own and a busy machine's API server sends what has come.
+    assert len(chunks) >= 2
     pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices[0].delta.content]
-    assert len(pieces) >= 2  # streamed, not sent at once
     assert "".join(pieces) == local_answer(server.model, server.processor, [processor_user("Describe", image)])
 
 
