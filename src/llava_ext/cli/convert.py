@@ -2,8 +2,9 @@
 
 import argparse
 
-from ..convert import convert_checkpoint, export_checkpoint, refresh_checkpoint_code
+from ..convert import convert_checkpoint, export_checkpoint, export_gguf, refresh_checkpoint_code
 from ..convert.plan import DTYPES
+from ..convert.to_gguf import OUTTYPES
 from . import add_subcommand
 
 CONVERT_EXAMPLE = (
@@ -11,6 +12,7 @@ CONVERT_EXAMPLE = (
     "--vision-tower openai/clip-vit-large-patch14-336 --dtype float16 --push-to-hub me/llava-v1.5-7b-ext --private"
 )
 EXPORT_EXAMPLE = "llava-ext export ./llava-v1.5-7b-ext ./llava-v1.5-7b-stock --dtype float16"
+EXPORT_GGUF_EXAMPLE = "llava-ext export ./llava-v1.5-7b-ext ./llava-v1.5-7b-gguf --format gguf --outtype q8_0"
 REFRESH_CODE_EXAMPLE = (
     "llava-ext refresh-code me/llava-v1.5-7b-ext --output-dir ./llava-v1.5-7b-ext "
     "--push-to-hub me/llava-v1.5-7b-ext --revision refresh-code"
@@ -36,11 +38,21 @@ def add_parser(subparsers) -> None:
 
     export = add_subcommand(
         subparsers, "export", example=EXPORT_EXAMPLE,
-        help="export a llava_ext checkpoint to transformers' stock llava layout",
-        description="Write a llava_ext checkpoint as a stock transformers 'llava' checkpoint (no remote code).",
+        help="export a llava_ext checkpoint to transformers' stock llava layout or to GGUF for llama.cpp",
+        description="Write a llava_ext checkpoint as a stock transformers 'llava' checkpoint (no remote code), or\n"
+        "with --format gguf as the two files llama.cpp loads: OUT/model-OUTTYPE.gguf (language model, tokenizer, chat\n"
+        "template) and OUT/mmproj-model-OUTTYPE.gguf (vision tower and projector), for\n"
+        "`llama-mtmd-cli -m OUT/model-q8_0.gguf --mmproj OUT/mmproj-model-q8_0.gguf` or `llama-server ... --mmproj`.\n"
+        "Writing is atomic: OUT appears only when complete. GGUF:\n"
+        f"  {EXPORT_GGUF_EXAMPLE}",
     )
     export.add_argument("src", metavar="SRC", help="llava_ext checkpoint directory or Hub repo id")
     export.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
+    export.add_argument("--format", choices=["stock", "gguf"], default="stock",
+                        help="stock: transformers' llava layout (default); gguf: llama.cpp's model + mmproj files")
+    export.add_argument("--outtype", choices=OUTTYPES,
+                        help="--format gguf only: type of the weight matrices (default: f32); norms, biases and "
+                        "position/patch embeddings stay f32, as llama.cpp's converter keeps them")
     add_writing_arguments(export)
     export.set_defaults(func=run_export)
 
@@ -86,12 +98,29 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        return run_export_gguf(args)
     try:
+        if args.outtype is not None:
+            raise ValueError(f"--outtype {args.outtype} applies to --format gguf; for the stock layout use --dtype.")
         export_checkpoint(
             args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
         )
     except USER_ERRORS as error:
         raise SystemExit(f"llava-ext export: error: {error}") from None
+    return 0
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    try:
+        if args.dtype is not None:
+            raise ValueError(f"--dtype {args.dtype} applies to --format stock; for GGUF use --outtype "
+                             f"({', '.join(OUTTYPES)}).")
+        model, mmproj = export_gguf(args.src, args.out, args.outtype or "f32", overwrite=args.overwrite)
+    except (*USER_ERRORS, ImportError) as error:  # ImportError: the gguf extra is not installed (the message says so)
+        raise SystemExit(f"llava-ext export: error: {error}") from None
+    print(f"Language model: {model}\nVision tower and projector: {mmproj}\n"
+          f"Run: llama-mtmd-cli -m {model} --mmproj {mmproj}")
     return 0
 
 
@@ -111,4 +140,12 @@ def run_refresh_code(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "add_push_arguments", "add_writing_arguments", "run_convert", "run_export", "run_refresh_code"]
+__all__ = [
+    "add_parser",
+    "add_push_arguments",
+    "add_writing_arguments",
+    "run_convert",
+    "run_export",
+    "run_export_gguf",
+    "run_refresh_code",
+]

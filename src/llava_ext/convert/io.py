@@ -382,6 +382,19 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         raise
 
 
+def read_llava_checkpoint(src: str | os.PathLike, tool: str) -> tuple[Path, dict]:
+    """The local folder of the llava_ext (or stock llava) checkpoint `src`, its files checked, and its config.json;
+    `tool` names the command in the error for any other model type."""
+    src_dir = resolve_source(src)
+    check_checkpoint_files(src_dir)
+    config_dict = read_json(src_dir / "config.json")
+    if config_dict.get("model_type") not in ("llava_ext", "llava"):
+        raise ValueError(
+            f"{src_dir} has model_type={config_dict.get('model_type')!r}; {tool} takes a llava_ext or llava "
+            "checkpoint (convert an original LLaVA checkpoint with `llava-ext convert` first)."
+        )
+    return src_dir, config_dict
+
 def check_output_free(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing output directory (before any heavy work) unless overwriting was asked for.
 
@@ -451,6 +464,7 @@ __all__ = [
     "check_output_free",
     "clean_interrupted_writes",
     "read_json",
+    "read_llava_checkpoint",
     "resolve_source",
     "write_sharded_safetensors",
 ]

@@ -85,8 +85,11 @@ SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def rename_key(key: str, table: dict[str, str | None], source: str = "checkpoint") -> str | None:
-    """The new name of `key` under `table` (None: dropped); a `ValueError` naming the key if the table lacks it."""
+def rename_key(
+    key: str, table: dict[str, str | None], source: str = "checkpoint", tool: str = "`llava-ext convert`"
+) -> str | None:
+    """The new name of `key` under `table` (None: dropped); a `ValueError` naming the key (and `tool`, which does not
+    support it) if the table lacks it."""
     match = _LAYER_INDEX.search(key)
     pattern, index = (key[: match.start()] + ".{}." + key[match.end() :], match.group(1)) if match else (key, None)
     if key in table:
@@ -96,7 +99,7 @@ def rename_key(key: str, table: dict[str, str | None], source: str = "checkpoint
         return None if target is None else target.format(index)
     raise ValueError(
         f"Unknown key {key!r} in the {source}: no conversion rule for it. If this is a LLaVA variant with extra "
-        "modules (a different projector or backbone), it is not supported by `llava-ext convert` yet."
+        f"modules (a different projector or backbone), it is not supported by {tool} yet."
     )
 
 

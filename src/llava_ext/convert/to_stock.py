@@ -12,8 +12,7 @@ from typing import Literal
 from transformers import AutoProcessor, LlavaConfig, LlavaImageProcessorPil, LlavaProcessor
 
 from .hub import USAGE_STOCK, model_card
-from .io import TensorSource, atomic_directory, check_checkpoint_files, check_output_free, read_json
-from .io import resolve_source, write_sharded_safetensors
+from .io import TensorSource, atomic_directory, check_output_free, read_llava_checkpoint, write_sharded_safetensors
 from .plan import copy_generation_config, dominant_dtype, image_processor_settings, parse_dtype, planned_tensor
 
 
@@ -42,14 +41,7 @@ def export_checkpoint(
     out = Path(out).expanduser().absolute()
     check_output_free(out, overwrite)
     dtype = parse_dtype(dtype)
-    src_dir = resolve_source(src)
-    check_checkpoint_files(src_dir)
-    config_dict = read_json(src_dir / "config.json")
-    if config_dict.get("model_type") not in ("llava_ext", "llava"):
-        raise ValueError(
-            f"{src_dir} has model_type={config_dict.get('model_type')!r}; `export` takes a llava_ext checkpoint "
-            "(convert an original LLaVA checkpoint with `llava-ext convert` first)."
-        )
+    src_dir, config_dict = read_llava_checkpoint(src, "`export`")
     stock_config = LlavaConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type")})
     stock_config.architectures = ["LlavaForConditionalGeneration"]
     source_processor = AutoProcessor.from_pretrained(src_dir)
