@@ -7,7 +7,7 @@ reference/ours: above 1 is faster). Load time and peak RSS are measured in one f
 
     python benchmarks/bench_inference.py                      # "small": ~256M parameters, fp32, CPU
     python benchmarks/bench_inference.py --size tiny --json out.json   # CI smoke run
-    python benchmarks/bench_inference.py --precisions fp32,bf16       # no int8 rows (e.g. without torchao)
+    python benchmarks/bench_inference.py --precisions fp32,bf16       # no int8/int4 rows (e.g. without torchao)
     python benchmarks/bench_inference.py --size 7b-shapes --device cuda --dtype float16
 
 "decode (chat path)" is what `ChatSession` / `llava-ext chat` run by default: a `StaticCache` and a compiled decode
@@ -16,9 +16,10 @@ C++ GEMM kernels); its compile warm-up is reported on its own line.
 Our prefill is also timed as ChatSession runs it: a bf16/fp16 vision tower on CPU compiled
 (`llava_ext.chat.compiled_vision_tower`); an fp32 one, and the reference's, eager.
 
-Precisions (CPU fp32 runs, `--precisions fp32,bf16,int8`): the same weights cast to bf16, and int8 weight-only
+Precisions (CPU fp32 runs, `--precisions fp32,bf16,int8,int4`): the same weights cast to bf16, int8 weight-only
 (`llava_ext.quantization.quantize_int8_weight_only`, the rest of the model in `int8_default_dtype`: bf16 on a CPU with
-native bf16), decoded on ChatSession's path and compared with the reference's fp32 default path, with the
+native bf16) and int4 weight-only (`quantize_int4_weight_only`, its defaults: groups of 32, lm_head int8; bf16),
+decoded on ChatSession's path and compared with the reference's fp32 default path, with the
 weight-reading floor (bytes of weights read per decoded token / the memory bandwidth measured here with a large copy)
 and the greedy-token agreement with fp32. A precision the machine cannot run (no torchao, no native bf16) is skipped
 with a line saying why.
@@ -49,7 +50,7 @@ from llava_ext.chat import (
 )
 from llava_ext.compat import CACHE_KWARG, BaseStreamer
 from llava_ext.quantization import (
-    cpu_has_native_bf16, int8_default_dtype, quantize_int8_weight_only, stored_bytes,
+    cpu_has_native_bf16, int8_default_dtype, quantize_int4_weight_only, quantize_int8_weight_only, stored_bytes,
 )
 
 SIZES = {
@@ -75,7 +76,7 @@ SIZES = {
     ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
 PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --dtype -> a precision row's label
 VISION_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")  # run in the prefill only, not per token
 CONFIDENT_EMBEDDING_STD = 0.2  # see `make_confident`; transformers' init gives 0.02
@@ -136,8 +137,9 @@ def decode_bytes_per_token(model) -> int:
     """Bytes of weights a batch-1 decode step reads: what the weight-reading floor divides the bandwidth by.
 
     Counted: every parameter of the language model and lm_head, read whole each token (int8 weights with their
-    scales), except the input embeddings, of which one row is gathered. Not counted: the vision tower and projector
-    (prefill only), the KV cache (it grows with the context: the floor is for weights alone) and the activations.
+    scales, int4 weights with their groups' scales and zero points), except the input embeddings, of which one row is
+    gathered. Not counted: the vision tower and projector (prefill only), the KV cache (it grows with the context: the
+    floor is for weights alone) and the activations.
     """
     embeddings = model.get_input_embeddings().weight
     total = 0
@@ -167,10 +169,10 @@ def precision_skips(precisions, device: str, dtype: torch.dtype) -> dict[str, st
         if precision == "fp32":
             continue
         if device != "cpu" or dtype != torch.float32:
-            skips[precision] = "the bf16/int8 rows are measured on CPU fp32 runs (--device cpu --dtype float32)"
-        elif precision == "bf16" and not cpu_has_native_bf16():
+            skips[precision] = "the bf16/int8/int4 rows are measured on CPU fp32 runs (--device cpu --dtype float32)"
+        elif precision in ("bf16", "int4") and not cpu_has_native_bf16():  # int4 computes in bf16
             skips[precision] = "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32"
-        elif precision == "int8" and importlib.util.find_spec("torchao") is None:
+        elif precision in ("int8", "int4") and importlib.util.find_spec("torchao") is None:
             skips[precision] = "torchao is not installed (pip install torchao)"
     return skips
 
@@ -231,7 +233,8 @@ class Runner:
     """Alternates the models `repeats` times per measurement; keeps every sample.
 
     "reference" and "ours" are the two models in the run's dtype; `add` puts more beside them (the precision rows:
-    "reference_bf16", "ours_bf16", "ours_int8"), measured interleaved with them where a measurement names them.
+    "reference_bf16", "ours_bf16", "ours_int8", "ours_int4"), measured interleaved with them where a measurement names
+    them.
     """
 
     def __init__(self, reference, ours, size: str, device: str, dtype: torch.dtype, repeats: int):
@@ -436,11 +439,15 @@ def environment(device: str) -> dict:
 
 
 def add_precision_models(runner: Runner, reference, ours, precisions, device: str) -> dict:
-    """Put the bf16 and int8 models beside the fp32 ones, from the same fp32 weights; returns {label: model name}."""
+    """Put the bf16, int8 and int4 models beside the fp32 ones, from the same fp32 weights; returns {label: model
+    name}."""
     added = {}
     if "int8" in precisions:  # the rest of the model in bf16 where this CPU computes it natively, else fp32
         runner.add("ours_int8", quantize_int8_weight_only(copy.deepcopy(ours).to(int8_default_dtype(device))))
         added["int8"] = "ours_int8"
+    if "int4" in precisions:  # bf16 only (skipped where bf16 is emulated)
+        runner.add("ours_int4", quantize_int4_weight_only(copy.deepcopy(ours).to(torch.bfloat16)))
+        added["int4"] = "ours_int4"
     if "bf16" in precisions:
         runner.add("reference_bf16", copy.deepcopy(reference).to(torch.bfloat16))
         runner.add("ours_bf16", copy.deepcopy(ours).to(torch.bfloat16))
@@ -499,11 +506,13 @@ def run(args) -> dict:
                                         for label, name in labels.items()}
     report["floor_tok_s"] = {label: report["memory_bandwidth_gb_s"] * 1e9 / nbytes
                              for label, nbytes in report["decode_bytes_per_token"].items()}
-    if "int8" in added:
-        report["int8_activation_dtype"] = str(runner.models["ours_int8"].dtype).removeprefix("torch.")
+    for label in ("int8", "int4"):
+        if label in added:
+            report[f"{label}_activation_dtype"] = str(runner.models[added[label]].dtype).removeprefix("torch.")
 
     report["vision_s"] = runner.vision()
-    prefill = runner.prefill(("reference", "ours", *bf16, *(["ours_int8"] if "int8" in added else [])))
+    quantized = tuple(added[label] for label in ("int8", "int4") if label in added)
+    prefill = runner.prefill(("reference", "ours", *bf16, *quantized))
     report["prefill_s"] = {name: prefill[name] for name in ("reference", "ours")}
     default, default_tokens = runner.decode("default", new_tokens, ("reference", "ours", *bf16))
     report["decode_default_tok_s"] = {name: default[name] for name in ("reference", "ours")}
@@ -549,12 +558,14 @@ def run(args) -> dict:
         report["bf16_decode_speedup"] = chat["ours_bf16"] / default["reference"]
         report["bf16_default_same_settings_speedup"] = ratio("bf16_decode_default_tok_s")  # both bf16, default
         report["bf16_floor_fraction"] = chat["ours_bf16"] / report["floor_tok_s"]["bf16"]
-    if "int8" in added:
-        report["int8_prefill_s"] = prefill["ours_int8"]
-        report["int8_decode_chat_path_tok_s"] = chat["ours_int8"]
-        report["int8_prefill_ratio"] = prefill["ours_int8"] / prefill["reference"]
-        report["int8_decode_speedup"] = chat["ours_int8"] / default["reference"]
-        report["int8_floor_fraction"] = chat["ours_int8"] / report["floor_tok_s"]["int8"]
+    for label in ("int8", "int4"):
+        if label in added:
+            name = added[label]
+            report[f"{label}_prefill_s"] = prefill[name]
+            report[f"{label}_decode_chat_path_tok_s"] = chat[name]
+            report[f"{label}_prefill_ratio"] = prefill[name] / prefill["reference"]
+            report[f"{label}_decode_speedup"] = chat[name] / default["reference"]
+            report[f"{label}_floor_fraction"] = chat[name] / report["floor_tok_s"][label]
     return report
 
 
@@ -632,9 +643,10 @@ def format_precisions(report: dict) -> list[str]:
     rows.append((f"ours {base}", report["prefill_s"]["ours"], report["decode_chat_path_tok_s"]["ours"], base))
     if "bf16_prefill_s" in report:
         rows.append(("ours bf16", report["bf16_prefill_s"]["ours"], report["bf16_decode_chat_path_tok_s"], "bf16"))
-    if "int8_prefill_s" in report:
-        rows.append((f"ours int8 ({report['int8_activation_dtype']})", report["int8_prefill_s"],
-                     report["int8_decode_chat_path_tok_s"], "int8"))
+    for label in ("int8", "int4"):
+        if f"{label}_prefill_s" in report:
+            rows.append((f"ours {label} ({report[f'{label}_activation_dtype']})", report[f"{label}_prefill_s"],
+                         report[f"{label}_decode_chat_path_tok_s"], label))
     for label, prefill, decode, precision in rows:
         floor = report["floor_tok_s"].get(precision) if precision else None
         agreement = report.get(f"{precision}_token_agreement") if precision else None
@@ -688,8 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
         "--precisions", type=precision_list, default=list(PRECISIONS),
-        help="comma-separated, from fp32,bf16,int8 (default: all); fp32 is the baseline and always runs. bf16 and "
-        "int8 run on CPU fp32 runs; one this machine cannot run (no torchao, no native bf16) is skipped with a note",
+        help="comma-separated, from fp32,bf16,int8,int4 (default: all); fp32 is the baseline and always runs. bf16, "
+        "int8 and int4 run on CPU fp32 runs; one this machine cannot run (no torchao, no native bf16) is skipped with "
+        "a note",
     )
     parser.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the memory-bandwidth copy")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this file")

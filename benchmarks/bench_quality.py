@@ -1,4 +1,4 @@
-"""Answer quality of bf16 and int8 weight-only against fp32, on a trained checkpoint and its held-out questions.
+"""Answer quality of bf16, int8 and int4 weight-only against fp32, on a trained checkpoint and its held-out questions.
 
 Each precision answers every question twice: through `llava-ext eval`'s batched, uncompiled `generate()`
 (`llava_ext.evaluate.generate_answers`), and through `ChatSession`'s compiled decode, one fresh question at a time, as
@@ -17,7 +17,9 @@ from llava_ext.chat import ChatSession, load_model_and_processor
 from llava_ext.compat import load_image
 from llava_ext.evaluate import generate_answers, is_exact_match, load_eval_records
 
-PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("auto", "int8")}
+PRECISIONS = {
+    "fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("auto", "int8"), "int4": ("auto", "int4"),
+}
 
 
 def served_answers(model, processor, records, max_new_tokens: int) -> tuple[list[str], bool]:
@@ -35,7 +37,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a trained llava_ext checkpoint directory (model + processor)")
     parser.add_argument("--data", required=True, help="its evaluation .jsonl (see `llava-ext eval --help`)")
-    parser.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated, from fp32,bf16,int8")
+    parser.add_argument(
+        "--precisions", default="fp32,bf16,int8,int4", help="comma-separated, from fp32,bf16,int8,int4"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--json", help="also write every answer here")
     args = parser.parse_args()

@@ -26,6 +26,8 @@ PRECISION_FIGURES = {
              "bf16_default_same_settings_speedup", "bf16_decode_chat_path_tok_s", "bf16_max_logit_diff"),
     "int8": ("int8_decode_speedup", "int8_floor_fraction", "int8_prefill_ratio", "int8_prefill_s",
              "int8_decode_chat_path_tok_s", "int8_max_logit_diff"),
+    "int4": ("int4_decode_speedup", "int4_floor_fraction", "int4_prefill_ratio", "int4_prefill_s",
+             "int4_decode_chat_path_tok_s", "int4_max_logit_diff"),
 }
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
@@ -34,11 +36,11 @@ def positive(value) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.slow  # about 80 s: the benchmark compiles decode steps for three precisions
+@pytest.mark.slow  # about 100 s: the benchmark compiles decode steps for four precisions
 @pytest.mark.release
 def test_tiny_benchmark_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    precisions = "fp32,bf16,int8" if HAS_TORCHAO else "fp32,bf16"
+    precisions = "fp32,bf16,int8,int4" if HAS_TORCHAO else "fp32,bf16"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--size", "tiny", "--repeats", "1", "--load-repeats", "1",
          "--precisions", precisions, "--bandwidth-mib", "64", "--json", str(out)],
@@ -58,7 +60,7 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
 
     assert positive(report["memory_bandwidth_gb_s"])
     assert f"memory bandwidth: {report['memory_bandwidth_gb_s']:.1f} GB/s" in result.stdout
-    ran = [precision for precision in ("bf16", "int8") if precision in report["floor_tok_s"]]
+    ran = [precision for precision in ("bf16", "int8", "int4") if precision in report["floor_tok_s"]]
     assert set(ran) | set(report["skipped_precisions"]) == set(precisions.split(",")) - {"fp32"}
     for precision in ran:
         for key in PRECISION_FIGURES[precision]:
@@ -126,17 +128,41 @@ def test_confident_model_is_the_same_for_both_and_not_flat():
     assert int((norms - 1).abs().lt(1e-5).sum()) == norms.numel() - 1 and int(norms.lt(1e-5).sum()) == 1
 
 
+def test_decode_bytes_of_int4_weights_are_half_a_byte_a_weight_plus_group_scales():
+    """int4 linears: half a byte a weight and a bf16 scale and zero point per 32 weights; lm_head int8 (a byte a weight,
+    an fp32 scale per row); the rest bf16. The benchmark's tiny model has 32-row attention projections, which int4
+    leaves in bf16 (out_features must be a multiple of 64), so this counts a model with 64-wide layers."""
+    pytest.importorskip("torchao")
+    from llava_ext.quantization import int4_linear_names, quantize_int4_weight_only
+
+    config = bench.build_config("tiny")
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_key_value_heads, text.head_dim = 64, 128, 4, 16
+    ours = bench.LlavaExtForConditionalGeneration(bench.LlavaExtConfig(**config.to_dict())).eval()
+    linear, rows, other = tiny_language_model_numbers(ours.config)
+    vocab, hidden = text.vocab_size, text.hidden_size
+    quantize_int4_weight_only(ours.to(torch.bfloat16))
+    assert len(int4_linear_names(ours)) == 7 * text.num_hidden_layers  # every linear but lm_head
+    int4 = linear - vocab * hidden
+    assert bench.decode_bytes_per_token(ours) == int4 // 2 + int4 // 32 * 4 + vocab * hidden + vocab * 4 + 2 * other
+
+
 def test_precisions_flag_and_skips(monkeypatch):
     assert bench.precision_list("int8,bf16") == ["fp32", "bf16", "int8"]
+    assert bench.precision_list("int4,int8") == ["fp32", "int8", "int4"]
     assert bench.precision_list("fp32") == ["fp32"]
-    with pytest.raises(Exception, match="fp16 is not a precision; choose from fp32,bf16,int8"):
+    with pytest.raises(Exception, match="fp16 is not a precision; choose from fp32,bf16,int8,int4"):
         bench.precision_list("fp32,fp16")
-    assert set(bench.precision_skips(["fp32", "bf16", "int8"], "cuda", torch.float32)) == {"bf16", "int8"}
+    assert set(bench.precision_skips(["fp32", "bf16", "int8", "int4"], "cuda", torch.float32)) == {
+        "bf16", "int8", "int4"}
     monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         bench.importlib.util, "find_spec", lambda name, *args: None if name == "torchao" else find_spec(name, *args)
     )
-    skips = bench.precision_skips(["fp32", "bf16", "int8"], "cpu", torch.float32)
-    assert skips == {"bf16": "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32",
-                     "int8": "torchao is not installed (pip install torchao)"}
+    skips = bench.precision_skips(["fp32", "bf16", "int8", "int4"], "cpu", torch.float32)
+    no_bf16 = "this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32"
+    assert skips == {"bf16": no_bf16, "int8": "torchao is not installed (pip install torchao)", "int4": no_bf16}
+    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: True)
+    assert bench.precision_skips(["fp32", "int4"], "cpu", torch.float32) == {
+        "int4": "torchao is not installed (pip install torchao)"}

@@ -2,6 +2,7 @@
 argparse layer lives in `llava_ext/cli/` only (library modules neither parse arguments nor print)."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -93,12 +94,14 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize(("command", "target", "attribute"), [
     ("chat", "llava_ext.cli.chat", "load_model_and_processor"),
     ("eval", "llava_ext.cli.eval", "evaluate_checkpoint"),
 ])
-def test_quantize_and_dtype_reach_the_loader(command, target, attribute, monkeypatch, tmp_path):
-    """`--quantize int8 --dtype bfloat16` is handed to the library as given; an unknown choice is refused by argparse."""
+def test_quantize_and_dtype_reach_the_loader(command, target, attribute, quantize, monkeypatch, tmp_path, capsys):
+    """`--quantize int8|int4 --dtype bfloat16` is handed to the library as given; an unknown choice is refused by
+    argparse, which lists the choices."""
     import importlib
 
     seen = {}
@@ -110,9 +113,10 @@ def test_quantize_and_dtype_reach_the_loader(command, target, attribute, monkeyp
     monkeypatch.setattr(importlib.import_module(target), attribute, record)
     extra = ["--data", str(tmp_path / "q.jsonl")] if command == "eval" else []
     with pytest.raises(_Stop):
-        llava_ext.cli.main([command, "ckpt", *extra, "--quantize", "int8", "--dtype", "bfloat16"])
-    assert seen["kwargs"]["quantize"] == "int8"
+        llava_ext.cli.main([command, "ckpt", *extra, "--quantize", quantize, "--dtype", "bfloat16"])
+    assert seen["kwargs"]["quantize"] == quantize
     assert "bfloat16" in [*seen["args"], seen["kwargs"].get("dtype")]
     with pytest.raises(SystemExit) as exit:
-        llava_ext.cli.main([command, "ckpt", *extra, "--quantize", "int4"])
+        llava_ext.cli.main([command, "ckpt", *extra, "--quantize", "int2"])
     assert exit.value.code == 2
+    assert re.search(r"invalid choice: 'int2' \(choose from '?int8'?, '?int4'?\)", capsys.readouterr().err)

@@ -70,20 +70,22 @@ def decode_compile_config(device: torch.device, dtype: torch.dtype) -> CompileCo
 
     Batch-1 decoding on CPU is bound by reading the weights. With the weights frozen into the graph (see
     `decode_compile_settings`), inductor pre-packs them for its own C++ GEMM template, which reads them about twice as
-    fast as the MKL GEMV behind `nn.Linear`; the same holds for bf16 weights and for torchao's int8 weight-only layers
-    (inductor's int8 weight-only GEMM). The template is the only GEMM backend offered (`max_autotune_gemm_backends`
+    fast as the MKL GEMV behind `nn.Linear`; the same holds for bf16 weights and for torchao's int8 and int4
+    weight-only layers (inductor's int8 / int4 weight-only GEMMs; the int4 one takes bf16 activations and output rows
+    in blocks of 64 only, which `quantization.quantize_int4_weight_only` keeps to: a layer with no kernel would fail
+    the whole compile). The template is the only GEMM backend offered (`max_autotune_gemm_backends`
     "CPP", not "CPP,ATEN"): with both, inductor times the two per shape once and keeps the winner in its on-disk
     autotune cache, and a timing taken while other work shared the CPU then kept the slower ATen kernel for every later
     chat (measured on a 2-core machine: 26 tok/s instead of 42 on the 256M benchmark model, fp32, until the cache
     was deleted).
 
-    With 16-bit activations (`dtype` bf16 or fp16: bf16 and int8 weight-only models) on CPU, one-token attention is
-    lowered to matmul-softmax-matmul: torch's fused CPU attention kernel is about 5x slower than that in bf16 for one
-    query over a long cache (measured with torch 2.13: 2.5 ms against 0.45 ms a layer for 16 heads over 1024 cached
-    positions), while in fp32 it is the faster of the two. There, `realize_opcount_threshold` makes inductor store the
-    rotated query once: by default it inlines the rotary embedding (a cos and a sin) into the score loop and computes
-    it again for every cached position, which made attention about a third of a bf16 decode step (0.55 ms a layer over
-    1024 positions).
+    With 16-bit activations (`dtype` bf16 or fp16: bf16, int8 and int4 weight-only models) on CPU, one-token
+    attention is lowered to matmul-softmax-matmul: torch's fused CPU attention kernel is about 5x slower than that in
+    bf16 for one query over a long cache (measured with torch 2.13: 2.5 ms against 0.45 ms a layer for 16 heads over
+    1024 cached positions), while in fp32 it is the faster of the two. There, `realize_opcount_threshold` makes
+    inductor store the rotated query once: by default it inlines the rotary embedding (a cos and a sin) into the score
+    loop and computes it again for every cached position, which made attention about a third of a bf16 decode step
+    (0.55 ms a layer over 1024 positions).
 
     Args:
         device (`torch.device`): where the model runs.
@@ -112,8 +114,8 @@ def decode_compile_settings(device: torch.device) -> Iterator[None]:
     - CPU: no on-disk graph caches (inductor's FX graph cache, AOTAutograd's cache). Their keys do not cover the
       values of frozen torchao int8 weights: a second int8 model of the same shapes, in the same process or a later
       one, was served the first one's compiled step with the first one's weights in it, and decoded the first model's
-      tokens (torch 2.13, torchao 0.18). Plain frozen weights bypass those caches anyway; compiled kernels are still
-      cached.
+      tokens (torch 2.13, torchao 0.18). torchao's int4 weights are tensor subclasses too, under the same rule
+      (tested). Plain frozen weights bypass those caches anyway; compiled kernels are still cached.
     """
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
@@ -194,8 +196,8 @@ def compile_memory_shortfall(model) -> int:
     """Bytes of free memory missing for compiling the CPU decode step (0 if there is enough).
 
     The frozen step keeps a pre-packed copy of the weights beside the model's own, and compiling it briefly needs
-    about twice that (measured: +0.75 GB kept, +1.4 GB peak for 1 GB of weights). Weights count as stored: int8
-    weight-only layers (torchao) by their int8 data and scales.
+    about twice that (measured: +0.75 GB kept, +1.4 GB peak for 1 GB of weights). Weights count as stored: int8 and
+    int4 weight-only layers (torchao) by their integer data, scales and zero points.
     """
     import psutil  # a dependency of accelerate
 
@@ -283,9 +285,10 @@ class ChatSession:
             Defaults to `True` with a static cache, except on a CPU without the free memory for the compiled step's
             pre-packed copy of the weights (about the model's size kept, twice that while compiling). The weights
             are frozen into the compiled step: after changing them in place, call `torch._dynamo.reset()` so the
-            step is compiled again. bf16 models and int8 weight-only ones (`load_model_and_processor(...,
-            quantize="int8")`, `llava_ext.quantization`) decode compiled too, and gain most from it: uncompiled, an
-            int8 layer dequantizes its whole weight on every call.
+            step is compiled again. bf16 models and int8 / int4 weight-only ones (`load_model_and_processor(...,
+            quantize="int8")` or `"int4"`, `llava_ext.quantization`) decode compiled too, and gain most from it:
+            uncompiled, an int8 layer dequantizes its whole weight on every call, and an int4 one goes through
+            torchao's tensor subclass to ATen's kernel.
         max_context (`int`, *optional*):
             Context limit in tokens (prompt + answer), at most the text model's `max_position_embeddings`, which is
             the default. A lower limit bounds the cache's memory.
@@ -670,7 +673,7 @@ def load_model_and_processor(
     device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
-    quantize: Literal["int8"] | None = None,
+    quantize: Literal["int8", "int4"] | None = None,
 ):
     """Load a LLaVA model and its processor; llava_ext checkpoints load with the installed classes (no remote code).
 
@@ -679,14 +682,21 @@ def load_model_and_processor(
         device (`str`, *optional*): "cpu" or "cuda"; default cuda when available.
         dtype (`str`, *optional*, defaults to `"auto"`): a key of `DTYPES`. `"auto"` is the checkpoint's dtype, except
             with `quantize="int8"`: then bf16 where the device computes it natively (a CPU with AVX512-BF16 / AMX, a
-            GPU with bf16), else fp32 on a CPU and fp16 on a GPU (`quantization.int8_default_dtype`).
+            GPU with bf16), else fp32 on a CPU and fp16 on a GPU (`quantization.int8_default_dtype`); and with
+            `quantize="int4"`, which computes in bf16 only: then bf16.
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow code shipped with other checkpoints.
-        quantize (`str`, *optional*): `None` (as saved) or `"int8"`: torchao int8 weight-only for the language model's
-            linears and lm_head, applied while loading (transformers' `TorchAoConfig`); the vision tower and projector
-            stay in `dtype`. Needs torchao (`pip install 'llava-ext[quant]'`). The model then saves and loads back
-            quantized with `save_pretrained` / `from_pretrained`; a checkpoint saved that way loads quantized with
-            either value. Decoding is fast only compiled (`ChatSession`'s default); uncompiled, each layer dequantizes
-            its weight on every call.
+        quantize (`str`, *optional*): `None` (as saved), `"int8"` or `"int4"`, applied while loading (transformers'
+            `TorchAoConfig`); the vision tower and projector stay in `dtype`. Needs torchao (`pip install
+            'llava-ext[quant]'`).
+            `"int8"`: torchao int8 weight-only for the language model's linears and lm_head. The model then saves and
+            loads back quantized with `save_pretrained` / `from_pretrained`; a checkpoint saved that way loads
+            quantized with either value. Decoding is fast only compiled (`ChatSession`'s default); uncompiled, each
+            layer dequantizes its weight on every call.
+            `"int4"` (CPU, bf16): torchao int4 weight-only for the language model's linears, in groups of
+            `quantization.INT4_DEFAULT_GROUP_SIZE` input channels, lm_head in int8
+            (`quantization.int4_weight_only_config(config)`; a linear whose shape int4 cannot take stays bf16, with a
+            warning). It cannot be saved (torchao 0.18): load the floating checkpoint with `quantize="int4"` each
+            time. Fast only compiled, as int8.
 
     Returns:
         `(model, processor)`, the model in eval mode on `device`.
@@ -696,36 +706,53 @@ def load_model_and_processor(
     from .convert.io import check_checkpoint_files
     from .processing_llava_ext import LlavaExtProcessor
     from .quantization import (
-        QUANTIZE_CHOICES, _require_torchao, int8_default_dtype, int8_linear_names, int8_weight_only_config,
+        INT4_DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, _require_torchao, int4_unfit_linear_names,
+        int4_weight_only_config, int8_default_dtype, int8_linear_names, int8_weight_only_config,
+        warn_about_unfit_int4_linears,
     )
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(
-            f"quantize={quantize!r} is not supported; use None (the checkpoint's weights as saved) or 'int8' (torchao "
-            "int8 weight-only for the language model)."
+            f"quantize={quantize!r} is not supported; use None (the checkpoint's weights as saved), 'int8' (torchao "
+            "int8 weight-only for the language model) or 'int4' (torchao int4 weight-only, CPU only)."
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use --device cpu.")
-    if quantize == "int8":
+    if quantize == "int4" and device != "cpu":
+        raise ValueError(
+            f"quantize='int4' packs weights for torchao's CPU int4 kernel, so it runs on CPU only, and "
+            f"device={device!r}; use --device cpu, or quantize='int8' on the GPU."
+        )
+    if quantize == "int4" and dtype not in ("auto", "bfloat16"):
+        raise ValueError(
+            f"quantize='int4' computes in bf16 (the compiled decode's int4 GEMM takes bf16 activations only), and "
+            f"dtype={dtype!r}; use dtype 'auto' or 'bfloat16' (--dtype), or quantize='int8'."
+        )
+    if quantize is not None:
         _require_torchao(f"quantize={quantize!r}")
     if Path(model_id).is_dir():  # a truncated or missing file is named before anything loads
         check_checkpoint_files(model_id)
     config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     kwargs = {}
-    if quantize == "int8":
+    if quantize is not None:
         saved = getattr(config, "quantization_config", None)  # a dict as in config.json, for a quantized checkpoint
         saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
-        if saved is None:
+        if saved is None and quantize == "int8":
             kwargs["quantization_config"] = int8_weight_only_config()
-        elif "Int8WeightOnlyConfig" not in str(saved.get("quant_type")):  # else: saved int8, loads quantized as is
+        elif saved is None:
+            kwargs["quantization_config"] = int4_weight_only_config(config, trust_remote_code=trust_remote_code)
+        elif quantize != "int8" or "Int8WeightOnlyConfig" not in str(saved.get("quant_type")):
+            # (saved int8 with quantize="int8" loads quantized as is)
             raise ValueError(
                 f"{model_id!r} is already quantized ({saved.get('quant_method')}: {saved.get('quant_type')}); "
-                "quantize='int8' quantizes floating-point weights, so leave quantize unset to load it as saved."
+                f"quantize={quantize!r} quantizes floating-point weights, so leave quantize unset to load it as saved."
             )
-    torch_dtype = int8_default_dtype(device) if quantize == "int8" and dtype == "auto" else DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
+    if quantize is not None and dtype == "auto":
+        torch_dtype = int8_default_dtype(device) if quantize == "int8" else torch.bfloat16
     model = AutoModelForImageTextToText.from_pretrained(
         model_id, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
     )
@@ -734,6 +761,8 @@ def load_model_and_processor(
             f"quantize='int8' found no linear layer to quantize in {model_id!r} ({type(model).__name__}) outside "
             "the vision tower and projector; load it with quantize=None."
         )
+    if quantize == "int4":  # (int4_weight_only_config refused a model with no linear int4 takes)
+        warn_about_unfit_int4_linears(model, int4_unfit_linear_names(model), INT4_DEFAULT_GROUP_SIZE)
     model = model.to(device).eval()
     if config.model_type == "llava_ext":
         processor = LlavaExtProcessor.from_pretrained(model_id)

@@ -365,8 +365,8 @@ def evaluate_checkpoint(
         max_new_tokens (`int`, *optional*, defaults to 16): the longest answer.
         device (`str`, *optional*): "cpu" or "cuda"; cuda when available.
         dtype (`str`, *optional*, defaults to `"auto"`): "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
-        quantize (`str`, *optional*): `None` or `"int8"` (torchao int8 weight-only language model, see
-            `llava_ext.chat.load_model_and_processor`), to score a model as it will be served.
+        quantize (`str`, *optional*): `None`, `"int8"` or `"int4"` (torchao int8 / CPU int4 weight-only language
+            model, see `llava_ext.chat.load_model_and_processor`), to score a model as it will be served.
         trust_remote_code (`bool`, *optional*, defaults to `False`): allow code shipped with non-llava_ext checkpoints.
         confidence (`float`, *optional*, defaults to 0.95): coverage of the Wilson intervals.
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over questions.

@@ -25,10 +25,14 @@ def add_subcommand(subparsers, name: str, *, help: str, description: str, exampl
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     """`--quantize`, as `llava_ext.chat.load_model_and_processor` takes it."""
+    from ..quantization import INT4_DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES
+
     parser.add_argument(
-        "--quantize", choices=["int8"], default=None,
-        help="int8: torchao int8 weight-only language model, the vision tower and projector in --dtype (whose 'auto' "
-        "is then bf16 on a CPU with native bf16, else fp32); needs torchao: pip install 'llava-ext[quant]'",
+        "--quantize", choices=list(QUANTIZE_CHOICES), default=None,
+        help="int8: torchao int8 weight-only language model, the vision tower and projector in --dtype (whose "
+        "'auto' is then bf16 on a CPU with native bf16, else fp32); int4: torchao int4 weight-only (groups of "
+        f"{INT4_DEFAULT_GROUP_SIZE} weights, lm_head int8), CPU and bf16 only, quantized at every load (it cannot be "
+        "saved). Both need torchao: pip install 'llava-ext[quant]'",
     )
 
 
