@@ -387,20 +387,22 @@ def test_compile_memory_counts_int4_bytes(lowered, monkeypatch):
     assert 2 * stored < compile_memory_shortfall(lowered["wide_bfloat16"])
 
 
-@pytest.fixture(scope="module")
-def checkpoint(fp32_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("quantization") / "fp32"
-    fp32_model.save_pretrained(path)
+def save_checkpoint(model, tmp_path_factory, name: str):
+    """`model` and the tiny processor saved as a checkpoint folder `name`."""
+    path = tmp_path_factory.mktemp("quantization") / name
+    model.save_pretrained(path)
     make_processor().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(fp32_model, tmp_path_factory):
+    return save_checkpoint(fp32_model, tmp_path_factory, "fp32")
 
 
 @pytest.fixture(scope="module")
 def wide_checkpoint(wide_fp32_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("quantization") / "wide"
-    wide_fp32_model.save_pretrained(path)
-    make_processor().save_pretrained(path)
-    return path
+    return save_checkpoint(wide_fp32_model, tmp_path_factory, "wide")
 
 
 def test_load_int8_then_save_and_load_back(checkpoint, lowered, processor, tmp_path):

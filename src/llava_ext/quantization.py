@@ -124,16 +124,21 @@ def int8_weight_only_config(include_lm_head: bool = True, skip_modules: Sequence
     return TorchAoConfig(_int8_config(), modules_to_not_convert=skip)
 
 
+def _linear_names_with_weight(model: torch.nn.Module, weight_class: type) -> list[str]:
+    """Names of the `nn.Linear` modules of `model` whose weights are `weight_class` tensors."""
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and isinstance(module.weight, weight_class)
+    ]
+
+
 def int8_linear_names(model: torch.nn.Module) -> list[str]:
     """Names of the `nn.Linear` modules of `model` whose weights are torchao int8 tensors."""
     if importlib.util.find_spec("torchao") is None:
         return []
     from torchao.quantization import Int8Tensor
 
-    return [
-        name for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and isinstance(module.weight, Int8Tensor)
-    ]
+    return _linear_names_with_weight(model, Int8Tensor)
 
 
 def quantize_int8_weight_only(
@@ -306,10 +311,7 @@ def int4_linear_names(model: torch.nn.Module) -> list[str]:
         return []
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
-    return [
-        name for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and isinstance(module.weight, Int4OpaqueTensor)
-    ]
+    return _linear_names_with_weight(model, Int4OpaqueTensor)
 
 
 def _floating_linears(model: torch.nn.Module, skip: Sequence[str]) -> dict[str, torch.nn.Linear]:
