@@ -243,28 +243,14 @@ def _standardize_image(
     return image, "channels_last"
 
 
-class LlavaExtImageProcessor(LlavaImageProcessorPil):
-    r"""
-    LLaVA image processor: RGB conversion -> optional pad to square with the mean colour (LLaVA's `expand2square`,
-    `do_pad=True`) -> resize shortest edge -> center crop -> rescale -> normalize. Defaults and outputs are those of
-    transformers' [`LlavaImageProcessorPil`] (and of [`CLIPImageProcessor`] with `do_pad=False`).
+class CheckedImageInputsMixin:
+    """Reads and checks every image of a call before any is processed, for transformers' PIL image processors.
 
-    Images may be PIL images, NumPy arrays or torch tensors ((H, W), channels first or last; the module docstring lists
-    the modes and dtypes read), file paths, http(s) URLs or base64 strings: a single image, a list, or a list of lists
-    (one list per sample). Every image is checked before any is processed; a bad one raises a `ValueError` or
-    `TypeError` naming its position in the flattened batch.
-
-    Args:
-        image_backend (`Literal["pil", "torch"]`, *optional*, defaults to `"pil"`):
-            `"pil"` processes image by image with PIL/NumPy, equal to the reference. `"torch"` decodes every image
-            once and resizes/crops/normalizes each group of same-sized images as one tensor batch
-            (`torch.nn.functional.interpolate`, bicubic with antialiasing) on `device` (CPU unless given).
-        **kwargs:
-            Any [`ImagesKwargs`] (`size`, `crop_size`, `do_pad`, `image_mean`, ...), as for `LlavaImageProcessorPil`.
+    Mixed in before a `PilBackend` image processor (`class P(CheckedImageInputsMixin, LlavaImageProcessorPil)`):
+    paths, URLs and base64 strings are loaded with errors that name the image; the batch is flattened (one list per
+    sample at most, 4-D arrays are batches); each image is standardized as the module docstring says, then handed to
+    the backend's `process_image`.
     """
-
-    valid_kwargs = LlavaExtImagesKwargs  # what transformers reads to accept `image_backend` as a kwarg
-    image_backend = "pil"
 
     def fetch_images(self, image_url_or_urls):
         """Load every path/URL/base64 string in a (nested) list of images; keeps the nesting and in-memory images."""
@@ -338,6 +324,30 @@ class LlavaExtImageProcessor(LlavaImageProcessorPil):
             self.process_image(image, *args, **{**kwargs, "input_data_format": data_format})
             for image, data_format in standardized
         ]
+
+
+class LlavaExtImageProcessor(CheckedImageInputsMixin, LlavaImageProcessorPil):
+    r"""
+    LLaVA image processor: RGB conversion -> optional pad to square with the mean colour (LLaVA's `expand2square`,
+    `do_pad=True`) -> resize shortest edge -> center crop -> rescale -> normalize. Defaults and outputs are those of
+    transformers' [`LlavaImageProcessorPil`] (and of [`CLIPImageProcessor`] with `do_pad=False`).
+
+    Images may be PIL images, NumPy arrays or torch tensors ((H, W), channels first or last; the module docstring lists
+    the modes and dtypes read), file paths, http(s) URLs or base64 strings: a single image, a list, or a list of lists
+    (one list per sample). Every image is checked before any is processed; a bad one raises a `ValueError` or
+    `TypeError` naming its position in the flattened batch.
+
+    Args:
+        image_backend (`Literal["pil", "torch"]`, *optional*, defaults to `"pil"`):
+            `"pil"` processes image by image with PIL/NumPy, equal to the reference. `"torch"` decodes every image
+            once and resizes/crops/normalizes each group of same-sized images as one tensor batch
+            (`torch.nn.functional.interpolate`, bicubic with antialiasing) on `device` (CPU unless given).
+        **kwargs:
+            Any [`ImagesKwargs`] (`size`, `crop_size`, `do_pad`, `image_mean`, ...), as for `LlavaImageProcessorPil`.
+    """
+
+    valid_kwargs = LlavaExtImagesKwargs  # what transformers reads to accept `image_backend` as a kwarg
+    image_backend = "pil"
 
     def _preprocess_image_like_inputs(self, images, *args, image_backend: str | None = None, **kwargs):
         image_backend = image_backend or "pil"
@@ -462,4 +472,4 @@ def _center_crop(batch: torch.Tensor, crop_height: int, crop_width: int) -> torc
     return batch[..., top : top + crop_height, left : left + crop_width]
 
 
-__all__ = ["LlavaExtImageProcessor", "LlavaExtImagesKwargs"]
+__all__ = ["CheckedImageInputsMixin", "LlavaExtImageProcessor", "LlavaExtImagesKwargs"]
