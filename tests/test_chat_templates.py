@@ -38,11 +38,24 @@ GOLDEN = {
         "<|start_header_id|>user<|end_header_id|>\n\nWhere?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
+    # LLaVA-1.6 Vicuna (conv_vicuna_v1, llava-v1.6-vicuna's documented prompt): llava-1.5's layout; a system message
+    # given replaces the format's default one (VICUNA_SYSTEM, rendered when there is none)
+    "llava-1.6-vicuna": "<s>A chat. USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Where? ASSISTANT:",
+    # llava-hf's OneVision/Interleave template: "<|im_start|>role\n", images "<image>\n", videos "<video>\n", text,
+    # "<|im_end|>\n"; "<|im_start|>assistant\n" to generate; no BOS, no default system message
+    "llava-onevision": (
+        "<|im_start|>system\nA chat.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
+        "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n"
+    ),
 }
+VICUNA_SYSTEM = (  # LLaVA's conv_vicuna_v1.system, as llava-v1.6-vicuna-7b-hf's model card prompt starts
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, "
+    "and polite answers to the human's questions."
+)
 RENDER_KWARGS = {"llama-3": {"bos_token": "<|begin_of_text|>"}}  # the tiny tokenizer's BOS is "<s>"
 
 # Exactly one BOS in the ids: the template's where it renders one, else the one the tiny tokenizer adds (ChatML).
-RENDERS_BOS = {"llava-1.5", "mistral", "llama-3"}
+RENDERS_BOS = {"llava-1.5", "llava-1.6-vicuna", "mistral", "llama-3"}
 
 # ANSWERED rendered, cut into (text, is_assistant) pieces: the mask must be 1 on exactly the second kind.
 IMG = "<image>" * TOKENS_PER_IMAGE
@@ -66,6 +79,15 @@ MASK_SEGMENTS = {
         ("A cat.<|eot_id|>", 1),
         ("<|start_header_id|>user<|end_header_id|>\n\nWhere?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", 0),
         ("On a mat.<|eot_id|>", 1),
+    ],
+    "llava-1.6-vicuna": [
+        (f"<s>A chat. USER: {IMG}\nWhat is it? ASSISTANT: ", 0), ("A cat.</s>", 1),
+        ("USER: Where? ASSISTANT: ", 0), ("On a mat.</s>", 1),
+    ],
+    "llava-onevision": [
+        (f"<|im_start|>system\nA chat.<|im_end|>\n<|im_start|>user\n{IMG}\nWhat is it?<|im_end|>\n"
+         "<|im_start|>assistant\n", 0), ("A cat.<|im_end|>", 1),
+        ("\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n", 0), ("On a mat.<|im_end|>", 1), ("\n", 0),
     ],
 }
 
@@ -105,6 +127,27 @@ def test_images_render_where_they_stand():
     assert make_processor().apply_chat_template(message, add_generation_prompt=True) == (
         "<s>USER: Compare<image>\n and<image>\n ASSISTANT:"
     )
+
+
+def test_vicuna_renders_its_system_prompt_when_none_is_given():
+    rendered = make_processor("llava-1.6-vicuna").apply_chat_template(CONVERSATION[1:], add_generation_prompt=True)
+    assert rendered == f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Where? ASSISTANT:"
+
+
+VISUALS_LATE = [{"role": "user", "content": [
+    {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": " with"}, {"type": "video"},
+    {"type": "image"},
+]}]
+
+
+def test_onevision_puts_images_then_videos_first_as_llava_hf_does():
+    rendered = make_processor("llava-onevision").apply_chat_template(VISUALS_LATE, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\n<image>\n<image>\n<video>\nCompare with<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chatml_keeps_images_and_videos_where_they_stand():
+    rendered = make_processor("chatml").apply_chat_template(VISUALS_LATE, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nCompare<image>\n with<video>\n<image>\n<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_unknown_template_name_lists_the_choices():

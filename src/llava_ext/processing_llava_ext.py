@@ -12,7 +12,8 @@
       v
     BatchFeature(input_ids, attention_mask, pixel_values[, mm_token_type_ids])
 
-Chat templates are Jinja files in `chat_templates/` chosen by name ("llava-1.5", "mistral", "chatml", "llama-3");
+Chat templates are Jinja files in `chat_templates/` chosen by name (`CHAT_TEMPLATE_NAMES`: "llava-1.5", "mistral",
+"chatml", "llama-3", "llava-1.6-vicuna", "llava-onevision");
 "llava-1.5" is the default. This file is copied next to checkpoints for `trust_remote_code` (imports: standard library,
 names exported by the top-level `transformers` package, and the image processor file beside it, so it keeps working on
 newer transformers releases); there the template comes from the checkpoint's `chat_template.jinja`.
@@ -25,7 +26,7 @@ from transformers import LlavaProcessor, ProcessorMixin
 from .image_processing_llava_ext import _images_per_sample, _make_flat_list_of_images
 
 CHAT_TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
-CHAT_TEMPLATE_NAMES = ("llava-1.5", "mistral", "chatml", "llama-3")
+CHAT_TEMPLATE_NAMES = ("llava-1.5", "mistral", "chatml", "llama-3", "llava-1.6-vicuna", "llava-onevision")
 DEFAULT_CHAT_TEMPLATE = "llava-1.5"
 
 
@@ -138,13 +139,13 @@ class LlavaExtProcessor(LlavaProcessor):
     LLaVA processor: an image processor and a tokenizer, expanding each `<image>` in the text into as many image tokens
     as the vision tower yields features. Inputs and outputs are those of transformers' [`LlavaProcessor`]; on top:
 
-    - `chat_template` accepts a bundled template name ("llava-1.5" (default), "mistral", "chatml", "llama-3"), here
+    - `chat_template` accepts a bundled template name ("llava-1.5" (default) or another of `CHAT_TEMPLATE_NAMES`), here
       and in `apply_chat_template(..., chat_template=name)`; every template marks answers with `{% generation %}`.
     - A mismatch between `<image>` markers and images, a missing `patch_size`, and truncation that would cut image
       tokens raise a `ValueError` naming the counts and the fix, before images are processed where possible.
-    - A text that starts with the tokenizer's `bos_token` (the "llava-1.5", "mistral" and "llama-3" templates render
-      it, so that callers tokenizing with `add_special_tokens=False`, like TRL, get it) is given exactly one BOS. See
-      `__call__` for where this differs from `LlavaProcessor`.
+    - A text that starts with the tokenizer's `bos_token` (the "llava-1.5", "llava-1.6-vicuna", "mistral" and
+      "llama-3" templates render it, so that callers tokenizing with `add_special_tokens=False`, like TRL, get it) is
+      given exactly one BOS. See `__call__` for where this differs from `LlavaProcessor`.
 
     Args:
         image_processor ([`LlavaExtImageProcessor`] or any image processor):
@@ -217,9 +218,9 @@ class LlavaExtProcessor(LlavaProcessor):
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         r"""
         [`LlavaProcessor.__call__`], except for texts that start with the tokenizer's `bos_token`, as the bundled
-        templates render them ("llava-1.5", "mistral", "llama-3"): such a sample is encoded as the BOS the tokenizer
-        adds followed by the ids of the rest of the text, i.e. exactly the ids `LlavaProcessor` gives for the text
-        without its leading BOS string:
+        templates render them ("llava-1.5", "llava-1.6-vicuna", "mistral", "llama-3"): such a sample is encoded as
+        the BOS the tokenizer adds followed by the ids of the rest of the text, i.e. exactly the ids `LlavaProcessor`
+        gives for the text without its leading BOS string:
 
             "<s>USER: <image>\nHi ASSISTANT:"  ->  tokenizer("USER: <image x16>\nHi ASSISTANT:")  ->  [<s>, ...]
 
