@@ -75,6 +75,48 @@ class ImageTokenMismatchError(ValueError, RuntimeError):
     """
 
 
+def image_token_mismatch_error(
+    num_tokens: int,
+    per_item: list[int],
+    features: str,
+    vision_feature_select_strategy: str,
+    modality: str = "image",
+    anyres: bool = False,
+) -> ImageTokenMismatchError:
+    """The error for `num_tokens` placeholders where the items (images or videos) give `per_item` features each.
+
+    `features` says in words what gives how many features; the likely cause is read off the two counts: no
+    placeholder; one token off per item (CLS / strategy, USERS.md #1b); fewer (truncation, or for `anyres` a processor
+    that counts tiles differently, #1c); more (more placeholders than items).
+    """
+    placeholder, num_items, total = f"'<{modality}>'", len(per_item), sum(per_item)
+    if num_tokens == 0:
+        cause = f"the text has no {placeholder} placeholder: put one {placeholder} per {modality} in the prompt"
+    elif abs(num_tokens - total) == num_items:
+        cause = (
+            f"the processor expands each {placeholder} one token off the model: set the processor's "
+            "num_additional_image_tokens (1 for CLIP's CLS token, 0 for SigLIP) and vision_feature_select_strategy "
+            f"('{vision_feature_select_strategy}') to match the model"
+        )
+    elif num_tokens < total:
+        cause = (
+            "some placeholders were cut off, most often by truncation or max_length: raise max_length or pass "
+            "truncation=False"
+        )
+        if anyres:
+            cause += (
+                "; or the processor counted the anyres tiles differently: give it the model's image_grid_pinpoints, "
+                "patch size and vision_aspect_ratio and pass the images' original `image_sizes` (llava_ext's "
+                "processors count with llava_ext.anyres, as the model does)"
+            )
+    else:
+        cause = f"there are more placeholders than {modality}s: give one {modality} per {placeholder} in the text"
+    return ImageTokenMismatchError(
+        f"{modality.capitalize()} features and {modality} tokens do not match: the text has {num_tokens} {modality} "
+        f"tokens, but {features}. Likely cause: {cause}."
+    )
+
+
 class _QuickGELU(nn.Module):
     """x * sigmoid(1.702 x), CLIP's original activation."""
 
@@ -102,26 +144,35 @@ class LlavaExtMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
-def _deprecated_image_hidden_states(self):
-    logger.warning_once(
-        "`image_hidden_states` is deprecated (as in transformers' LLaVA); use `out.image_outputs.pooler_output`."
-    )
-    return self.image_outputs.pooler_output if self.image_outputs is not None else None
+def _deprecated_hidden_states(media: str) -> property:
+    """`image_hidden_states` (or `video_...`) as a deprecated property giving `<media>_outputs.pooler_output`."""
+
+    def getter(self):
+        logger.warning_once(
+            f"`{media}_hidden_states` is deprecated (as in transformers' LLaVA); use `out.{media}_outputs.pooler_output`."
+        )
+        outputs = getattr(self, f"{media}_outputs")
+        return outputs.pooler_output if outputs is not None else None
+
+    return property(getter)
 
 
-def _to_tuple_with_image_outputs(self) -> tuple:
-    # as transformers' MultimodalModelOutput: the nested encoder output becomes a tuple too
-    return tuple(self[key].to_tuple() if key == "image_outputs" else self[key] for key in self.keys())
+def _to_tuple_with_encoder_outputs(self) -> tuple:
+    # as transformers' MultimodalModelOutput: the nested encoder outputs become tuples too
+    return tuple(self[key].to_tuple() if key.endswith("_outputs") else self[key] for key in self.keys())
 
 
-def _output_class(name: str, doc: str, leading_fields: list[str]) -> type:
-    """Our own `ModelOutput` dataclass with the installed transformers' field names for LLaVA outputs."""
+def _output_class(name: str, doc: str, leading_fields: list[str], media: tuple[str, ...] = ("image",)) -> type:
+    """Our own `ModelOutput` dataclass with the installed transformers' field names for LLaVA outputs, with one
+    encoder-output field per `media` ("image", "video")."""
     names = [*leading_fields, CACHE_NAME, "hidden_states", "attentions"]
-    names.append("image_outputs" if IMAGE_OUTPUTS else "image_hidden_states")
-    namespace = {"__module__": __name__, "__doc__": doc}
+    media_fields = tuple(f"{kind}_outputs" if IMAGE_OUTPUTS else f"{kind}_hidden_states" for kind in media)
+    names += media_fields
+    # media_fields: a plain class attribute (not a field), read while compiling, where dataclasses.fields() is not
+    namespace = {"__module__": __name__, "__doc__": doc, "media_fields": media_fields}
     if IMAGE_OUTPUTS:
-        namespace["image_hidden_states"] = property(_deprecated_image_hidden_states)
-        namespace["to_tuple"] = _to_tuple_with_image_outputs
+        namespace.update({f"{kind}_hidden_states": _deprecated_hidden_states(kind) for kind in media})
+        namespace["to_tuple"] = _to_tuple_with_encoder_outputs
     fields = [(field, Any, dataclasses.field(default=None)) for field in names]
     return dataclasses.make_dataclass(name, fields, bases=(ModelOutput,), namespace=namespace)
 
@@ -159,14 +210,22 @@ def _pop_cache(cache, kwargs: dict):
 
 
 # Written into every saved config, so each Auto class resolves to our code where llava_ext is not installed.
-AUTO_MAP = {
-    "AutoConfig": "configuration_llava_ext.LlavaExtConfig",
-    "AutoModel": "modeling_llava_ext.LlavaExtModel",
-    "AutoModelForImageTextToText": "modeling_llava_ext.LlavaExtForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_llava_ext.LlavaExtForConditionalGeneration",
-    "AutoModelForMultimodalLM": "modeling_llava_ext.LlavaExtForConditionalGeneration",  # where the release has it
-    "AutoModelForPreTraining": "modeling_llava_ext.LlavaExtForConditionalGeneration",
-}
+# AutoModelForMultimodalLM where the release has it.
+GENERATION_AUTO_CLASSES = (
+    "AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModelForMultimodalLM", "AutoModelForPreTraining"
+)
+
+
+def auto_map_for(config: str, model: str, generation: str) -> dict[str, str]:
+    """The `auto_map` of a llava_ext family: `"module.Class"` of its config, base model and generation model."""
+    return {"AutoConfig": config, "AutoModel": model, **dict.fromkeys(GENERATION_AUTO_CLASSES, generation)}
+
+
+AUTO_MAP = auto_map_for(
+    "configuration_llava_ext.LlavaExtConfig",
+    "modeling_llava_ext.LlavaExtModel",
+    "modeling_llava_ext.LlavaExtForConditionalGeneration",
+)
 
 
 def compiled_for(compiled, owner) -> bool:
@@ -197,6 +256,9 @@ def drop_foreign_compiled_call(model) -> bool:
 class LlavaExtPreTrainedModel(PreTrainedModel):
     config_class = LlavaExtConfig
     config: LlavaExtConfig
+    stock_config_class = LlavaConfig  # the transformers config of our stock twin, accepted and turned into ours
+    stock_key_mapping = STOCK_KEY_MAPPING  # the twin's checkpoint layouts, read by from_pretrained
+    auto_map_entries = AUTO_MAP  # written into saved configs' auto_map
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -209,9 +271,9 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def __init__(self, config: LlavaExtConfig, *inputs, **kwargs):
-        if type(config) is LlavaConfig:  # a stock config: same fields; our model_type picks our key layout on save
+        if type(config) is self.stock_config_class:  # same fields; our model_type picks our key layout on save
             stock = config
-            config = LlavaExtConfig(**stock.to_dict())
+            config = self.config_class(**stock.to_dict())
             config.vision_config, config.text_config = stock.vision_config, stock.text_config
             if hasattr(stock, "_attn_implementation_internal"):  # the attention a user asked for
                 config._attn_implementation_internal = stock._attn_implementation_internal
@@ -221,7 +283,7 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`; also reads the stock llava key layout, which `save_pretrained` writes."""
         if kwargs.get("key_mapping") is None:
-            kwargs["key_mapping"] = STOCK_KEY_MAPPING
+            kwargs["key_mapping"] = cls.stock_key_mapping
         return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -231,7 +293,7 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
         runs as our class, or transformers (5.24) would copy torch's FSDP files as the model's code and name that class.
         """
         if self._auto_class is not None:
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.auto_map_entries}
         # only a model fully_shard has touched can be one, and then torch.distributed.fsdp is imported (torch >= 2.6)
         fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
         if fsdp_module is None or not isinstance(self, fsdp_module):
@@ -244,19 +306,42 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
             self.__class__ = sharded_class
 
 
+def scatter_features(
+    inputs_embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, checked: bool, modality: str
+) -> torch.Tensor:
+    """`features` `(num_tokens, text_hidden)` written into the `mask`ed `(batch, seq)` positions of `inputs_embeds`.
+
+    A count that could not be checked before the encoder ran (`checked=False`: a tower of unknown token layout) is
+    checked here, outside compilation.
+    """
+    num_tokens = int(mask.sum()) if not checked and not torch.compiler.is_compiling() else None
+    if num_tokens is not None and num_tokens != len(features):
+        raise ImageTokenMismatchError(
+            f"{modality.capitalize()} features and {modality} tokens do not match: the text has {num_tokens} "
+            f"{modality} tokens, the vision tower gave {features.shape[0]} features."
+        )
+    mask = mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+    return inputs_embeds.masked_scatter(mask, features)  # (batch, seq, text_hidden)
+
+
 class LlavaExtModel(LlavaExtPreTrainedModel):
     """Vision tower + projector + language model (no LM head); returns `LlavaExtModelOutputWithPast`."""
 
+    output_class = LlavaExtModelOutputWithPast
+
     def __init__(self, config: LlavaExtConfig):
         super().__init__(config)
-        config = self.config  # a stock LlavaConfig was turned into ours
-        self.vision_tower = build_vision_tower(config.vision_config)
-        self.multi_modal_projector = LlavaExtMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self._build_submodules(self.config)  # a stock config was turned into ours
         # the language model's name for its KV-cache argument in the installed release (a custom backbone may differ)
         lm_arguments = inspect.signature(self.language_model.forward).parameters
         self._lm_cache_name = "cache" if "cache" in lm_arguments else "past_key_values"
         self.post_init()
+
+    def _build_submodules(self, config: LlavaExtConfig):
+        """The modules, named as the checkpoint keys; subclasses add theirs (NeXT's `image_newline`)."""
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.multi_modal_projector = LlavaExtMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -315,42 +400,60 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
             the layers `vision_feature_layer` reads ran, and `last_hidden_state` holds the selected (unprojected)
             states `(num_images, num_features, vision_hidden * num_layers)`.
         """
-        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        # transformers >= 5.24 may pass the wanted layer indices here; only an explicit True asks for every state
-        output_hidden_states = output_hidden_states is True
         if image_sizes is not None and not hasattr(self.vision_tower, "select_hidden_states"):
             kwargs["image_sizes"] = image_sizes  # only variable-size towers (e.g. Pixtral) take it
-        states, output = self._run_vision_tower(pixel_values, layers, output_hidden_states, output_attentions, **kwargs)
-        if strategy == "default":
-            states = [state[:, 1:] for state in states]  # (num_images, num_patches, vision_hidden)
-        selected = torch.cat(states, dim=-1)  # (num_images, num_features, vision_hidden * len(layers))
-        image_features = self.multi_modal_projector(selected)  # (num_images, num_features, text_hidden)
+        image_features, output = self._encode_images(
+            pixel_values, vision_feature_layer, vision_feature_select_strategy, output_hidden_states, output_attentions,
+            **kwargs,
+        )
         if "image_sizes" in kwargs:
             split_sizes = (torch.as_tensor(image_sizes) // self.vision_tower.patch_size).prod(dim=-1).tolist()
             image_features = list(torch.split(image_features.squeeze(0), split_sizes))
         else:
             image_features = list(image_features)
-        if output.last_hidden_state is None:
-            output.last_hidden_state = selected
         output.pooler_output = image_features
         return output
 
-    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Boolean `(batch, seq)` mask of the image placeholder positions, from the ids or, failing those, the embeddings."""
+    def _encode_images(
+        self, pixel_values, vision_feature_layer, vision_feature_select_strategy, output_hidden_states,
+        output_attentions, **kwargs,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        """Projected features `(num_images, num_features, text_hidden)` of a batch of same-size crops, and the tower's
+        output (`last_hidden_state` the selected states where only the read layers ran); see `get_image_features`."""
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        # transformers >= 5.24 may pass the wanted layer indices here; only an explicit True asks for every state
+        output_hidden_states = output_hidden_states is True
+        states, output = self._run_vision_tower(pixel_values, layers, output_hidden_states, output_attentions, **kwargs)
+        if strategy == "default":
+            states = [state[:, 1:] for state in states]  # (num_images, num_patches, vision_hidden)
+        selected = torch.cat(states, dim=-1)  # (num_images, num_features, vision_hidden * len(layers))
+        if output.last_hidden_state is None:
+            output.last_hidden_state = selected
+        return self.multi_modal_projector(selected), output  # (num_images, num_features, text_hidden)
+
+    def get_placeholder_mask(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, token_id: int | None = None
+    ) -> torch.Tensor:
+        """Boolean `(batch, seq)` mask of the placeholder positions of `token_id` (default: the image token), from the
+        ids or, failing those, the embeddings."""
+        token_id = self.config.image_token_id if token_id is None else token_id
         if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_embedding = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
-        )
-        return (inputs_embeds == image_embedding).all(-1)
+            return input_ids == token_id
+        embedding = self.get_input_embeddings()(torch.tensor(token_id, dtype=torch.long, device=inputs_embeds.device))
+        return (inputs_embeds == embedding).all(-1)
 
     def check_image_token_count(
-        self, special_image_mask: torch.Tensor, pixel_values: torch.Tensor, vision_feature_select_strategy: str
+        self,
+        special_image_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        vision_feature_select_strategy: str,
+        **image_kwargs,
     ) -> bool:
         """Raise a ValueError naming both counts if the placeholders cannot hold the images' features.
 
+        `image_kwargs` are those `get_image_features` gets (unused here; the anyres models read `image_sizes`).
         Returns whether the count was checked: False for towers of unknown token layout, and while compiling.
         """
         height, width = pixel_values.shape[-2:]
@@ -359,29 +462,14 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
             return False
         num_images = pixel_values.shape[0]
         num_tokens = int(special_image_mask.sum())
-        num_features = num_images * per_image
-        if num_tokens == num_features:
+        if num_tokens == num_images * per_image:
             return True
-        if num_tokens == 0:
-            cause = "the text has no '<image>' placeholder: put one '<image>' per image in the prompt"
-        elif num_tokens % num_images == 0 and abs(num_tokens // num_images - per_image) == 1:
-            cause = (
-                "the processor expands each '<image>' one token off the model: set the processor's "
-                "num_additional_image_tokens (1 for CLIP's CLS token, 0 for SigLIP) and vision_feature_select_strategy "
-                f"('{vision_feature_select_strategy}') to match the model"
-            )
-        elif num_tokens < num_features:
-            cause = (
-                "some placeholders were cut off, most often by truncation or max_length: raise max_length "
-                "or pass truncation=False"
-            )
-        else:
-            cause = "there are more placeholders than images: give one image per '<image>' in the text"
-        raise ImageTokenMismatchError(
-            f"Image features and image tokens do not match: the text has {num_tokens} image tokens, but "
-            f"{num_images} image(s) of {height}x{width} give {num_features} features ({per_image} each with patch size "
-            f"{self.config.vision_config.patch_size}, strategy '{vision_feature_select_strategy}'). Likely cause: "
-            f"{cause}."
+        raise image_token_mismatch_error(
+            num_tokens,
+            [per_image] * num_images,
+            f"{num_images} image(s) of {height}x{width} give {num_images * per_image} features ({per_image} each with "
+            f"patch size {self.config.vision_config.patch_size}, strategy '{vision_feature_select_strategy}')",
+            vision_feature_select_strategy,
         )
 
     @_can_return_tuple
@@ -401,35 +489,50 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         """Same arguments and outputs as transformers' `LlavaModel.forward` in the installed release; the KV cache is
         accepted as `cache` or `past_key_values`."""
         cache = _pop_cache(cache, kwargs)
+        inputs_embeds = self._embed_inputs(input_ids, inputs_embeds)
+        media = {}
+        if pixel_values is not None:
+            inputs_embeds, media["image"] = self._merge_images(
+                input_ids,
+                inputs_embeds,
+                pixel_values,
+                vision_feature_select_strategy,
+                vision_feature_layer=vision_feature_layer,
+                image_sizes=image_sizes,
+            )
+        return self._run_language_model(inputs_embeds, attention_mask, position_ids, cache, media, **kwargs)
+
+    def _embed_inputs(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (batch, seq, text_hidden)
+        return inputs_embeds
 
-        image_outputs = image_features = None
-        if pixel_values is not None:
-            strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-            special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (batch, seq)
-            checked = self.check_image_token_count(special_image_mask, pixel_values, strategy)
-            image_outputs = self.get_image_features(
-                pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=strategy,
-                image_sizes=image_sizes,
-                return_dict=True,
-            )
-            # (total_image_tokens, text_hidden)
-            image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            # towers whose token count is unknown up front are checked once their features exist
-            unchecked = not checked and not torch.compiler.is_compiling()
-            if unchecked and int(special_image_mask.sum()) != len(image_features):
-                raise ImageTokenMismatchError(
-                    f"Image features and image tokens do not match: the text has {int(special_image_mask.sum())} "
-                    f"image tokens, the vision tower gave {image_features.shape[0]} features."
-                )
-            mask = special_image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)  # (batch, seq, text_hidden)
+    def _merge_images(
+        self, input_ids, inputs_embeds, pixel_values, vision_feature_select_strategy, **image_kwargs
+    ) -> tuple[torch.Tensor, tuple[BaseModelOutputWithPooling, torch.Tensor]]:
+        """The images' features in the `<image>` positions, their count checked before the vision tower runs.
 
+        Returns the new `inputs_embeds` and `(image_outputs, image_features)`; `image_kwargs` go to
+        `check_image_token_count` and `get_image_features`.
+        """
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (batch, seq)
+        checked = self.check_image_token_count(special_image_mask, pixel_values, strategy, **image_kwargs)
+        image_outputs = self.get_image_features(
+            pixel_values, vision_feature_select_strategy=strategy, return_dict=True, **image_kwargs
+        )
+        # (total_image_tokens, text_hidden)
+        image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = scatter_features(inputs_embeds, special_image_mask, image_features, checked, "image")
+        return inputs_embeds, (image_outputs, image_features)
+
+    def _run_language_model(
+        self, inputs_embeds, attention_mask, position_ids, cache, media: dict[str, tuple], **kwargs
+    ) -> LlavaExtModelOutputWithPast:
+        """The language model over the merged embeddings; `media` maps "image"/"video" to (encoder outputs,
+        features), reported in the installed release's fields (`image_outputs`, or `image_hidden_states` before)."""
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -437,13 +540,17 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
             **{self._lm_cache_name: cache},
             **kwargs,
         )
-        image_field = {"image_outputs": image_outputs} if IMAGE_OUTPUTS else {"image_hidden_states": image_features}
-        return LlavaExtModelOutputWithPast(
+        media_fields = {}
+        for field in self.output_class.media_fields:
+            kind, _, kept = field.partition("_")  # "image_outputs" -> ("image", "outputs")
+            encoder_outputs, features = media.get(kind, (None, None))
+            media_fields[field] = encoder_outputs if kept == "outputs" else features
+        return self.output_class(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME, None)},
-            **image_field,
+            **media_fields,
         )
 
 
@@ -455,11 +562,13 @@ class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin)
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    base_model_class = LlavaExtModel
+    output_class = LlavaExtCausalLMOutputWithPast
 
     def __init__(self, config: LlavaExtConfig):
         super().__init__(config)
         config = self.config  # a stock LlavaConfig was turned into ours
-        self.model = LlavaExtModel(config)
+        self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
@@ -538,13 +647,13 @@ class LlavaExtForConditionalGeneration(LlavaExtPreTrainedModel, GenerationMixin)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        image_field = "image_outputs" if IMAGE_OUTPUTS else "image_hidden_states"
-        return LlavaExtCausalLMOutputWithPast(
+        return self.output_class(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{CACHE_NAME: getattr(outputs, CACHE_NAME), image_field: getattr(outputs, image_field)},
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            **{field: getattr(outputs, field) for field in self.output_class.media_fields},
         )
 
 
@@ -559,5 +668,8 @@ __all__ = [
     "LlavaExtMultiModalProjector",
     "LlavaExtPreTrainedModel",
     "compiled_for",
+    "auto_map_for",
     "drop_foreign_compiled_call",
+    "image_token_mismatch_error",
+    "scatter_features",
 ]
