@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .chat import ChatSession, ContextFullError
 from .compat import AutoImageProcessor, auto_model_classes_for, register_stock_checkpoint_layout
 from .configuration_llava_ext import LlavaExtConfig
+from .configuration_llava_ext_next import LlavaExtNextConfig
 from .image_processing_llava_ext import LlavaExtImageProcessor
 from .modeling_llava_ext import (
     ImageTokenMismatchError,
@@ -17,34 +18,40 @@ from .modeling_llava_ext import (
     LlavaExtMultiModalProjector,
     LlavaExtPreTrainedModel,
 )
+from .modeling_llava_ext_next import (
+    LlavaExtNextForConditionalGeneration,
+    LlavaExtNextModel,
+    LlavaExtNextPreTrainedModel,
+)
 from .processing_llava_ext import LlavaExtProcessor
 from .vision import STOCK_TOWER_NAMES
 
 __version__ = "0.1.0"
 
-AutoConfig.register(LlavaExtConfig.model_type, LlavaExtConfig, exist_ok=True)
-# Every Auto class transformers' own llava is registered under in this release (AutoModel, AutoModelForImageTextToText,
-# AutoModelForMultimodalLM, AutoModelForPreTraining, ...), so pipelines and tools that pick a model through those
-# tables find ours; AutoModelForCausalLM too, for tools that only know causal LMs.
-for _auto_class in {*auto_model_classes_for("llava"), AutoModelForImageTextToText, AutoModelForCausalLM}:
-    _auto_class.register(
-        LlavaExtConfig, LlavaExtModel if _auto_class is AutoModel else LlavaExtForConditionalGeneration, exist_ok=True
-    )
+# Each family: its stock twin's model type -> our config, base model and generation model, and the twin's base model.
+MODEL_FAMILIES = {
+    "llava": (LlavaExtConfig, LlavaExtModel, LlavaExtForConditionalGeneration, "LlavaModel"),
+    "llava_next": (LlavaExtNextConfig, LlavaExtNextModel, LlavaExtNextForConditionalGeneration, "LlavaNextModel"),
+}
+for _stock_type, (_config, _model, _generation, _stock_model) in MODEL_FAMILIES.items():
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    # Every Auto class transformers registers the stock twin under in this release (AutoModel,
+    # AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForPreTraining, ...), so pipelines and tools that
+    # pick a model through those tables find ours; AutoModelForCausalLM too, for tools that only know causal LMs.
+    for _auto_class in {*auto_model_classes_for(_stock_type), AutoModelForImageTextToText, AutoModelForCausalLM}:
+        _auto_class.register(_config, _model if _auto_class is AutoModel else _generation, exist_ok=True)
+    # Models made here (training, convert) save in the stock key layout, as transformers' own classes do.
+    register_stock_checkpoint_layout({_config.model_type: _stock_type, _model.__name__: _stock_model})
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModel")
+    _generation.register_for_auto_class("AutoModelForImageTextToText")
+
 AutoImageProcessor.register(LlavaExtConfig, image_processor_classes={"pil": LlavaExtImageProcessor}, exist_ok=True)
 AutoProcessor.register(LlavaExtConfig, LlavaExtProcessor, exist_ok=True)
 
-# Models made here (training, convert) save in the stock llava key layout, as transformers' own LLaVA does.
-register_stock_checkpoint_layout(
-    {
-        LlavaExtConfig.model_type: "llava",
-        LlavaExtModel.__name__: "LlavaModel",
-        **{tower.__name__: stock for tower, stock in STOCK_TOWER_NAMES.items()},
-    }
-)
+# Our towers save under their stock classes' key layout (CLIPVisionModel's, SiglipVisionModel's).
+register_stock_checkpoint_layout({tower.__name__: stock for tower, stock in STOCK_TOWER_NAMES.items()})
 
-LlavaExtConfig.register_for_auto_class()
-LlavaExtModel.register_for_auto_class("AutoModel")
-LlavaExtForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 LlavaExtImageProcessor.register_for_auto_class("AutoImageProcessor")
 LlavaExtProcessor.register_for_auto_class("AutoProcessor")
 
@@ -57,6 +64,10 @@ __all__ = [
     "LlavaExtImageProcessor",
     "LlavaExtModel",
     "LlavaExtMultiModalProjector",
+    "LlavaExtNextConfig",
+    "LlavaExtNextForConditionalGeneration",
+    "LlavaExtNextModel",
+    "LlavaExtNextPreTrainedModel",
     "LlavaExtPreTrainedModel",
     "LlavaExtProcessor",
 ]
