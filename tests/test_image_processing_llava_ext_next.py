@@ -15,7 +15,9 @@ from llava_ext.image_processing_llava_ext_onevision import LlavaExtOnevisionImag
 TILE = 32
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # llava-v1.6's five, at a 32-pixel tile
 NEXT = dict(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
-ONEVISION = dict(size={"height": TILE, "width": TILE}, image_grid_pinpoints=[[h, w] for h in (32, 64, 96) for w in (32, 64, 96)])
+ONEVISION = dict(  # OneVision's 6x6 grid of 384-multiples, as a 3x3 grid of 32-multiples
+    size={"height": TILE, "width": TILE}, image_grid_pinpoints=[[h, w] for h in (32, 64, 96) for w in (32, 64, 96)]
+)
 PAIRS = {
     "next": (LlavaNextImageProcessorPil, LlavaExtNextImageProcessor, NEXT),
     "onevision": (LlavaOnevisionImageProcessorPil, LlavaExtOnevisionImageProcessor, ONEVISION),
@@ -57,7 +59,7 @@ def test_equals_transformers_per_input_kind(model, kind):
 
 @pytest.mark.parametrize("model", list(PAIRS))
 def test_mixed_sizes_batch_pads_crops_and_equals_transformers(model):
-    """Images with different crop counts in one batch: zero crops fill the short ones, image_sizes keeps each size (#11)."""
+    """Different crop counts in one batch: zero crops fill the short images, image_sizes keeps each size (#11)."""
     reference, ours, settings = PAIRS[model]
     sizes = [(32, 64), (64, 64), (17, 100), (40, 60)]
     images = [PIL.Image.fromarray(photo(h, w, seed=i)) for i, (h, w) in enumerate(sizes)]
@@ -136,7 +138,7 @@ def test_bad_images_are_named_before_processing(model, tmp_path):
     good = PIL.Image.fromarray(photo(40, 60))
     with pytest.raises(ValueError, match=r"Image 1 \('.*missing.png'\) is not an existing file"):
         processor([good, str(tmp_path / "missing.png")])
-    with pytest.raises(ValueError, match=r"Image 1 is a float32 array .* with values in \[0.5, 0.5\].*multiply it by 255"):
+    with pytest.raises(ValueError, match=r"Image 1 is a float32 array .* values in \[0.5, 0.5\].*multiply it by 255"):
         processor([good, np.full((20, 30, 3), 0.5, dtype=np.float32)])
     with pytest.raises(ValueError, match=r"images holds no image \(an empty list\)"):
         processor([])
@@ -164,7 +166,7 @@ def test_pinpoints_must_tile_exactly(model, pinpoints, message):
 def test_unpadded_mixed_batch_is_refused_by_name(model):
     _, ours, settings = PAIRS[model]
     images = [PIL.Image.fromarray(photo(32, 64)), PIL.Image.fromarray(photo(64, 64))]
-    with pytest.raises(ValueError, match=r"different numbers of crops \(base view \+ tiles: \[3, 5\]\) and do_pad=False"):
+    with pytest.raises(ValueError, match=r"different numbers of crops \(base view \+ tiles: \[3, 5\]\), do_pad=False"):
         ours(**settings)(images, do_pad=False, return_tensors="pt")
     unpadded = ours(**settings)(images, do_pad=False)  # a list of per-image arrays is fine
     assert [crops.shape[0] for crops in unpadded["pixel_values"]] == [3, 5]

@@ -24,6 +24,11 @@ from .modeling_llava_ext_next import (
     LlavaExtNextPreTrainedModel,
 )
 from .processing_llava_ext import LlavaExtProcessor
+from .configuration_llava_ext_onevision import LlavaExtOnevisionConfig
+from .image_processing_llava_ext_next import LlavaExtNextImageProcessor
+from .image_processing_llava_ext_onevision import LlavaExtOnevisionImageProcessor
+from .processing_llava_ext_next import LlavaExtNextProcessor
+from .processing_llava_ext_onevision import LlavaExtOnevisionProcessor
 from .vision import STOCK_TOWER_NAMES
 
 __version__ = "0.1.0"
@@ -46,14 +51,20 @@ for _stock_type, (_config, _model, _generation, _stock_model) in MODEL_FAMILIES.
     _model.register_for_auto_class("AutoModel")
     _generation.register_for_auto_class("AutoModelForImageTextToText")
 
-AutoImageProcessor.register(LlavaExtConfig, image_processor_classes={"pil": LlavaExtImageProcessor}, exist_ok=True)
-AutoProcessor.register(LlavaExtConfig, LlavaExtProcessor, exist_ok=True)
+# Each family's config -> its image processor (PIL only: llava_ext has no torchvision path) and processor.
+PROCESSOR_FAMILIES = {
+    LlavaExtConfig: (LlavaExtImageProcessor, LlavaExtProcessor),
+    LlavaExtNextConfig: (LlavaExtNextImageProcessor, LlavaExtNextProcessor),
+    LlavaExtOnevisionConfig: (LlavaExtOnevisionImageProcessor, LlavaExtOnevisionProcessor),
+}
+for _config, (_image_processor, _processor) in PROCESSOR_FAMILIES.items():
+    AutoImageProcessor.register(_config, image_processor_classes={"pil": _image_processor}, exist_ok=True)
+    AutoProcessor.register(_config, _processor, exist_ok=True)
+    _image_processor.register_for_auto_class("AutoImageProcessor")
+    _processor.register_for_auto_class("AutoProcessor")
 
 # Our towers save under their stock classes' key layout (CLIPVisionModel's, SiglipVisionModel's).
 register_stock_checkpoint_layout({tower.__name__: stock for tower, stock in STOCK_TOWER_NAMES.items()})
-
-LlavaExtImageProcessor.register_for_auto_class("AutoImageProcessor")
-LlavaExtProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "ChatSession",
@@ -66,8 +77,13 @@ __all__ = [
     "LlavaExtMultiModalProjector",
     "LlavaExtNextConfig",
     "LlavaExtNextForConditionalGeneration",
+    "LlavaExtNextImageProcessor",
     "LlavaExtNextModel",
     "LlavaExtNextPreTrainedModel",
+    "LlavaExtNextProcessor",
+    "LlavaExtOnevisionConfig",
+    "LlavaExtOnevisionImageProcessor",
+    "LlavaExtOnevisionProcessor",
     "LlavaExtPreTrainedModel",
     "LlavaExtProcessor",
 ]

@@ -56,7 +56,8 @@ def check_grid_pinpoints(grid_pinpoints, tile: int) -> None:
                 f"image_grid_pinpoints has {list(pinpoint)}, which is not a multiple of the tile side {tile} (the "
                 "crop_size, or size when no crop): the model counts tiles by floor division and would expect "
                 "different image tokens than the processor makes. Use multiples of the tile side "
-                f"(e.g. {[-(-side // tile) * tile for side in pinpoint]}), or the tile side the pinpoints were made for."
+                f"(e.g. {[-(-side // tile) * tile for side in pinpoint]}), or the tile side the pinpoints were made "
+                "for."
             )
 
 
@@ -65,7 +66,7 @@ def check_stackable(pixel_values: list, do_pad: bool, return_tensors) -> None:
     counts = [len(crops) for crops in pixel_values]
     if return_tensors is not None and not do_pad and len(set(counts)) > 1:
         raise ValueError(
-            f"The images give different numbers of crops (base view + tiles: {counts}) and do_pad=False, so "
+            f"The images give different numbers of crops (base view + tiles: {counts}), do_pad=False, so "
             f"pixel_values cannot be one tensor (return_tensors={return_tensors!r}); pass do_pad=True (zero crops "
             "fill the short images; the model skips them by image_sizes), or return_tensors=None for a list."
         )
@@ -87,7 +88,8 @@ class LlavaExtNextImageProcessor(CheckedImageInputsMixin, LlavaNextImageProcesso
         image_grid_pinpoints (`list[list[int]]`, *optional*):
             The `[height, width]` resolutions an image may be tiled at; each a multiple of the tile side (`crop_size`).
         **kwargs:
-            Any [`ImagesKwargs`] (`size`, `crop_size`, `do_pad`, `image_mean`, ...), as for `LlavaNextImageProcessorPil`.
+            Any [`ImagesKwargs`] (`size`, `crop_size`, `do_pad`, `image_mean`, ...), as for
+            `LlavaNextImageProcessorPil`.
     """
 
     # llava-v1.6's preprocessor_config.json: 336 tiles, which its pinpoints are multiples of (transformers' class

@@ -1,8 +1,8 @@
 """Image processor for LLaVA-OneVision: transformers' `LlavaOnevisionImageProcessorPil` with llava_ext's input checks,
 and video frames through the same PIL path.
 
-    images, one per sample -> anyres, as LLaVA-NeXT: base view + tiles of the best pinpoint  (batch_num_images 1)
-    images, several in one sample's list -> each padded to a square with the mean colour, one crop   (batch_num_images n)
+    one image in a sample -> anyres, as LLaVA-NeXT: base view + tiles of the best pinpoint   (batch_num_images 1)
+    n images in a sample's list -> each padded to a square with the mean colour, one crop  (batch_num_images n)
     video frames -> each resized to `size`, rescaled, normalized: pixel_values_videos (num_frames, 3, h, w)
 
 Image pixel values equal transformers' `LlavaOnevisionImageProcessorPil` (the processing is inherited). A flat list

@@ -340,7 +340,7 @@ class LlavaExtProcessor(LlavaProcessor):
         if crop and do_center_crop:
             self._tokens_per_image(*crop)  # a crop smaller than a patch fails here, before any image is processed
         processed = self.image_processor(images, **kwargs)
-        replacements = [self.replace_image_token(processed, image_idx=index) for index in range(len(images))]
+        replacements = [self.replace_image_token(processed, image_idx=index, **kwargs) for index in range(len(images))]
         return processed, replacements
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -353,15 +353,19 @@ class LlavaExtProcessor(LlavaProcessor):
         except ValueError as error:
             input_ids = text_inputs["input_ids"]
             input_ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+            placeholders = [("image", self.image_token, self.image_token_id)]
+            if getattr(self, "video_token", None) is not None:  # OneVision's processor expands videos too
+                placeholders.append(("video", self.video_token, self.video_token_id))
             for index, (sample, ids) in enumerate(zip(text, input_ids)):
-                expected, kept = sample.count(self.image_token), list(ids).count(self.image_token_id)
-                if expected != kept:
-                    full_length = len(self.tokenizer(sample)["input_ids"])
-                    raise ValueError(
-                        f"Truncation would cut image tokens: sample {index} has {expected} image tokens after "
-                        f"expanding '{self.image_token}', but only {kept} are left in its {len(ids)} tokens. Raise "
-                        f"max_length to at least {full_length} (the sample's full length) or pass truncation=False."
-                    ) from error
+                for kind, token, token_id in placeholders:
+                    expected, kept = sample.count(token), list(ids).count(token_id)
+                    if expected != kept:
+                        full_length = len(self.tokenizer(sample)["input_ids"])
+                        raise ValueError(
+                            f"Truncation would cut {kind} tokens: sample {index} has {expected} {kind} tokens after "
+                            f"expanding '{token}', but only {kept} are left in its {len(ids)} tokens. Raise "
+                            f"max_length to at least {full_length} (the sample's full length) or pass truncation=False."
+                        ) from error
             raise
 
 

@@ -30,8 +30,12 @@ from transformers import logging
 from .. import __version__
 from ..compat import custom_object_save
 from ..image_processing_llava_ext import LlavaExtImageProcessor
+from ..image_processing_llava_ext_next import LlavaExtNextImageProcessor
+from ..image_processing_llava_ext_onevision import LlavaExtOnevisionImageProcessor
 from ..modeling_llava_ext import AUTO_MAP
 from ..processing_llava_ext import LlavaExtProcessor
+from ..processing_llava_ext_next import LlavaExtNextProcessor
+from ..processing_llava_ext_onevision import LlavaExtOnevisionProcessor
 from .hub import push_to_hub
 from .io import atomic_directory, check_output_free, clean_interrupted_writes, read_json, resolve_source
 
@@ -40,11 +44,16 @@ logger = logging.get_logger(__name__)
 # Every module name a llava_ext release has shipped next to a checkpoint. Only these are ever removed (when the
 # installed code no longer needs them); any other file in the checkpoint is carried over untouched.
 SHIPPED_MODULES = (
-    "configuration_llava_ext", "modeling_llava_ext", "vision", "processing_llava_ext", "image_processing_llava_ext"
+    "configuration_llava_ext", "modeling_llava_ext", "vision", "processing_llava_ext", "image_processing_llava_ext",
+    "anyres", "processing_llava_ext_next", "image_processing_llava_ext_next", "processing_llava_ext_onevision",
+    "image_processing_llava_ext_onevision",
 )
 MODEL_MODULES = ("configuration_llava_ext", "modeling_llava_ext")  # an auto_map naming these marks a llava_ext config
-PROCESSOR_CLASSES = (LlavaExtProcessor, LlavaExtImageProcessor)
-PROCESSOR_MODULES = ("processing_llava_ext", "image_processing_llava_ext")
+PROCESSOR_CLASSES = (
+    LlavaExtProcessor, LlavaExtImageProcessor, LlavaExtNextProcessor, LlavaExtNextImageProcessor,
+    LlavaExtOnevisionProcessor, LlavaExtOnevisionImageProcessor,
+)
+PROCESSOR_MODULES = tuple(cls.__module__.rsplit(".", 1)[-1] for cls in PROCESSOR_CLASSES)
 # class name -> its auto_map value today, e.g. "LlavaExtProcessor" -> "processing_llava_ext.LlavaExtProcessor"
 PROCESSOR_REFERENCES = {
     cls.__name__: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in PROCESSOR_CLASSES
@@ -64,8 +73,9 @@ def refresh_checkpoint_code(
     """Replace the llava_ext code inside a checkpoint with the installed llava_ext's, without touching the weights.
 
     Written: the installed `configuration_llava_ext.py`, `modeling_llava_ext.py` and every module they import
-    relatively (`vision.py`), copied as `save_pretrained` copies them; `processing_llava_ext.py` and
-    `image_processing_llava_ext.py` too when the checkpoint carries them or its processor files name our classes;
+    relatively (`vision.py`), copied as `save_pretrained` copies them; the modules of our processor classes
+    (`processing_llava_ext.py`, `image_processing_llava_ext_next.py`, ...) that the checkpoint's processor files name
+    or that it carries, with their relative imports;
     config.json's `auto_map` with `AUTO_MAP` merged over it; in processor_config.json, preprocessor_config.json and
     tokenizer_config.json, the `auto_map` values naming our processor classes. A module an older llava_ext shipped
     that the installed code no longer imports is removed. Every other file is carried over byte for byte and no tensor
@@ -151,9 +161,9 @@ def _check_is_llava_ext(src_dir: Path) -> None:
 
 def _write_refreshed(src_dir: Path, out_dir: Path, *, overwrite: bool, link: bool) -> None:
     """Build the refreshed checkpoint in a temporary sibling of `out_dir` and rename it into place when complete."""
-    with_processor = _has_processor_code(src_dir)
+    processor_classes = _processor_classes(src_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
-        written = _write_code(tmp, with_processor)  # first: nothing is linked yet that a write could go through
+        written = _write_code(tmp, processor_classes)  # first: nothing is linked yet that a write could go through
         updates = {"config.json": _merge_model_auto_map, **dict.fromkeys(PROCESSOR_JSONS, _update_processor_refs)}
         for name, update in updates.items():
             if (src_dir / name).is_file() and _write_updated_json(src_dir / name, tmp / name, update):
@@ -178,11 +188,9 @@ def _write_refreshed(src_dir: Path, out_dir: Path, *, overwrite: bool, link: boo
             logger.info(f"{name}: removed (the installed llava_ext {__version__} no longer ships it)")
 
 
-def _write_code(out_dir: Path, with_processor: bool) -> set[str]:
-    """The installed modules `AUTO_MAP`'s classes (and the processor's) need, copied as save_pretrained does."""
-    classes = [_class_of(value) for value in AUTO_MAP.values()]
-    if with_processor:
-        classes += PROCESSOR_CLASSES
+def _write_code(out_dir: Path, processor_classes: list[type]) -> set[str]:
+    """The installed modules `AUTO_MAP`'s classes and `processor_classes` need, copied as save_pretrained does."""
+    classes = [_class_of(value) for value in AUTO_MAP.values()] + processor_classes
     written = set()
     for cls in classes:  # custom_object_save copies the class's module and, recursively, its relative imports
         written.update(Path(path).name for path in custom_object_save(cls, out_dir))
@@ -195,14 +203,17 @@ def _class_of(auto_map_value: str) -> type:
     return getattr(importlib.import_module(f"llava_ext.{module}"), name)
 
 
-def _has_processor_code(src_dir: Path) -> bool:
-    """Whether the checkpoint carries our processor modules or its processor files name our processor classes."""
-    if any((src_dir / f"{module}.py").is_file() for module in PROCESSOR_MODULES):
-        return True
-    for name in PROCESSOR_JSONS:
-        if (src_dir / name).is_file() and _names_our_processor(read_json(src_dir / name)):
-            return True
-    return False
+def _processor_classes(src_dir: Path) -> list[type]:
+    """Our processor classes the checkpoint uses: those its processor files name or whose module it carries."""
+    named = {
+        _our_processor(value)
+        for name in PROCESSOR_JSONS
+        if (src_dir / name).is_file()
+        for auto_map in _auto_maps(read_json(src_dir / name))
+        for value in _auto_map_values(auto_map)
+    }
+    carried = {module for module in PROCESSOR_MODULES if (src_dir / f"{module}.py").is_file()}
+    return [cls for cls in PROCESSOR_CLASSES if cls.__name__ in named or cls.__module__.rsplit(".", 1)[-1] in carried]
 
 
 def _write_updated_json(src: Path, dst: Path, update: Callable[[dict], bool]) -> bool:
@@ -241,10 +252,6 @@ def _update_processor_refs(data: dict) -> bool:
                 auto_map[key] = current if isinstance(value, list) else current[0]
                 changed = True
     return changed
-
-
-def _names_our_processor(data: dict) -> bool:
-    return any(_our_processor(v) for auto_map in _auto_maps(data) for v in _auto_map_values(auto_map))
 
 
 def _auto_maps(data) -> Iterator[dict]:
