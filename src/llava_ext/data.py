@@ -43,6 +43,11 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 CHAT_ROLES = ("system", "user", "assistant")  # the roles the bundled chat templates render
 
 
+# What a processor returns for a sample's images, concatenated over the batch's samples by `batch_image_inputs`:
+# LLaVA-1.5's pixel_values; the anyres families' (NeXT, OneVision) crops, original sizes and images per sample.
+IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "batch_num_images")
+
+
 class SampleError(ValueError):
     """A training sample that cannot be used as given (malformed record, missing or unreadable image, placeholders cut
     by truncation...); the message names the sample."""
@@ -404,6 +409,27 @@ class LlavaConversationDataset(Dataset):
         return sorted(skipped, key=lambda sample: sample.index)
 
 
+def batch_image_inputs(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The image inputs (`IMAGE_INPUT_KEYS`) of one-sample encodings, as one batch's, in sample order.
+
+    Anyres `pixel_values` hold each image's base view and tiles, padded to the sample's most crops; a batch pads them
+    to its most, with zero crops the model never reads (it counts each image's crops from `image_sizes`):
+
+        sample 0: (1 image, 3 crops, C, H, W)   sample 1: (2 images, 5 crops, C, H, W)  ->  (3 images, 5 crops, C, H, W)
+    """
+    batch = {}
+    for key in IMAGE_INPUT_KEYS:
+        values = [torch.as_tensor(sample[key]) for sample in samples if sample.get(key) is not None]
+        if not values:
+            continue
+        if key == "pixel_values" and values[0].dim() == 5:
+            most = max(value.shape[1] for value in values)
+            # (num_images, most, C, H, W) each: zero crops after an image's own
+            values = [torch.nn.functional.pad(value, (0, 0, 0, 0, 0, 0, 0, most - value.shape[1])) for value in values]
+        batch[key] = torch.cat(values, dim=0)  # (total_images, ...); batch_num_images: (batch,)
+    return batch
+
+
 class LlavaExtDataCollator:
     r"""
     Turns dataset items into a right-padded training batch whose labels cover the assistant answers only.
@@ -425,7 +451,9 @@ class LlavaExtDataCollator:
 
     Returns (from `__call__`):
         `dict` with `input_ids`, `attention_mask`, `labels` of shape `(batch, longest)` and, when the batch has
-        images, `pixel_values` of shape `(total_images, channels, height, width)` in sample order.
+        images, `pixel_values` of shape `(total_images, channels, height, width)` in sample order; for the anyres
+        processors (NeXT, OneVision) `(total_images, max_crops, channels, height, width)` with `image_sizes`
+        `(total_images, 2)` (and OneVision's `batch_num_images` `(batch,)`), see `batch_image_inputs`.
 
     Raises:
         `SampleError` naming the sample for an item that is not `{"id", "messages"}`, a `<image>` written in a
@@ -482,7 +510,8 @@ class LlavaExtDataCollator:
                 )
 
     def encode(self, sample: dict) -> dict[str, torch.Tensor] | None:
-        """One item -> `input_ids`, `labels` (1-D) and `pixel_values` (or None), truncated; None if dropped."""
+        """One item -> `input_ids`, `labels` (1-D) and its image inputs (`IMAGE_INPUT_KEYS`), truncated; None if
+        dropped."""
         self._check_sample(sample)
         name = f"Sample {sample.get('id')!r}"
         try:
@@ -525,8 +554,8 @@ class LlavaExtDataCollator:
                     stacklevel=2,
                 )
             input_ids, labels = input_ids[:limit], labels[:limit]
-        pixel_values = encoded.get("pixel_values")
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+        images = {key: encoded[key] for key in IMAGE_INPUT_KEYS if encoded.get(key) is not None}
+        return {"input_ids": input_ids, "labels": labels, **images}
 
     def __call__(self, samples: Sequence[dict | None]) -> dict[str, torch.Tensor]:
         for position, sample in enumerate(samples):  # every item, before any image is processed
@@ -550,18 +579,18 @@ class LlavaExtDataCollator:
             labels[row, :length] = item["labels"]
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        pixel_values = [item["pixel_values"] for item in encoded if item["pixel_values"] is not None]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values, dim=0)  # (total_images, channels, height, width)
+        batch.update(batch_image_inputs(encoded))
         return batch
 
 
 __all__ = [
     "IGNORE_INDEX",
+    "IMAGE_INPUT_KEYS",
     "LlavaConversationDataset",
     "LlavaExtDataCollator",
     "SampleError",
     "SkippedSample",
+    "batch_image_inputs",
     "load_records",
     "normalize_record",
     "skip_summary",
