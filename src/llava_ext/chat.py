@@ -373,6 +373,7 @@ class ChatSession:
             self.messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         self.images: list = []
         self._cached_ids = torch.empty(0, dtype=torch.long)  # the tokens whose keys/values the cache holds
+        self._cached_multi_image = False  # OneVision: whether the cached images were encoded as a multi-image sample
 
     def drop_oldest_turns(self, num_turns: int = 1) -> int:
         """Forget the `num_turns` oldest turns (each a question, its images and its answer); the system message stays.
@@ -487,7 +488,10 @@ class ChatSession:
         max_new_tokens = generate_kwargs.pop("max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
         inputs = self._fit_context(max_new_tokens)
         input_ids = inputs["input_ids"]  # (1, seq)
-        cache, reused = self._cache_for(input_ids[0], max_new_tokens)
+        counts = self._image_token_counts(inputs)
+        multi_image = "batch_num_images" in inputs and len(counts) > 1
+        cache, reused = self._cache_for(input_ids[0], max_new_tokens, counts, multi_image)
+        self._cached_multi_image = multi_image
 
         kwargs = {
             "input_ids": input_ids.to(self.model.device),
@@ -497,10 +501,14 @@ class ChatSession:
         }
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None:
-            first_new_image = self._images_before(input_ids[0], reused)
+            first_new_image = self._images_before(input_ids[0], reused, counts)
             if first_new_image < pixel_values.shape[0]:
-                # (new_images, channels, height, width): earlier images are already in the cache
+                # (new_images, channels, height, width), anyres (new_images, crops, ...): earlier ones are cached
                 kwargs["pixel_values"] = pixel_values[first_new_image:].to(self.model.device, self.model.dtype)
+                if "image_sizes" in inputs:  # (new_images, 2)
+                    kwargs["image_sizes"] = inputs["image_sizes"][first_new_image:].to(self.model.device)
+                if "batch_num_images" in inputs:  # the one sample's new images (at least 2 when multi_image)
+                    kwargs["batch_num_images"] = torch.tensor([len(counts) - first_new_image], device=self.model.device)
         if self.compile:
             # our model drops it itself; a stock or older remote-code class would decode with the original's weights
             drop_foreign_compiled_call(self.model)
@@ -515,6 +523,9 @@ class ChatSession:
 
     def _tokenize(self, messages: list[dict], images: list) -> dict:
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        image_processor = getattr(self.processor, "image_processor", None)
+        if images and "batch_num_images" in getattr(image_processor, "model_input_names", ()):
+            images = [images]  # OneVision: the conversation's images are one sample's (a flat list: one image each)
         return self.processor(text=prompt, images=images or None, return_tensors="pt")
 
     def _fit_context(self, max_new_tokens: int) -> dict:
@@ -553,9 +564,9 @@ class ChatSession:
         logger.info(f"Context full: forgot the {self.dropped_turns} oldest turn(s) to fit in {limit} tokens")
         return inputs
 
-    def _cache_for(self, input_ids: torch.Tensor, max_new_tokens: int):
+    def _cache_for(self, input_ids: torch.Tensor, max_new_tokens: int, counts: list[int], multi_image: bool):
         """The cache cut back to the longest reusable prefix of `input_ids` (seq,), and that prefix's length."""
-        reused = self._reusable_length(input_ids)
+        reused = self._reusable_length(input_ids, counts, multi_image)
         needed = input_ids.shape[0] + max_new_tokens
         cache = self.cache
         if self.cache_implementation == "static":
@@ -573,30 +584,74 @@ class ChatSession:
         truncate_cache(cache, reused)
         return cache, reused
 
-    def _reusable_length(self, input_ids: torch.Tensor) -> int:
-        """Length of the cached prefix of `input_ids` (seq,) that can stay: shared, not ending inside an image."""
+    def _reusable_length(self, input_ids: torch.Tensor, counts: list[int], multi_image: bool = False) -> int:
+        """Length of the cached prefix of `input_ids` (seq,) that can stay: shared, not ending inside an image.
+
+        `counts` are the images' placeholder counts (`_image_token_counts`). OneVision encodes the images of a sample
+        with several differently (base view only) than a lone image, under the same placeholder ids: when
+        `multi_image` changed since the cache was filled, no cached image is reused; and a lone new image beside
+        cached ones is sent with the image before it, so the model sees a multi-image sample (`batch_num_images`).
+        """
         cached = self._cached_ids
         length = min(cached.shape[0], input_ids.shape[0] - 1)  # at least one token must go through the model
         mismatch = (cached[:length] != input_ids[:length]).nonzero()
         if mismatch.numel():
             length = int(mismatch[0, 0])
+        if not counts:
+            return length
         # Never split an image's placeholders: the model scatters whole images into them.
-        is_image = input_ids == self.image_token_id  # (seq,)
-        if length > 0 and is_image[length - 1] and is_image[length]:
-            per_image = self._tokens_per_image(input_ids)
-            complete = int(is_image[:length].sum()) // per_image * per_image
-            image_positions = is_image.nonzero()[:, 0]
-            length = int(image_positions[complete]) if complete < image_positions.shape[0] else length
+        starts = self._image_starts(input_ids, counts)  # first placeholder position of each image
+        ends = [start + count for start, count in zip(starts, counts)]
+        inside = next((index for index, (start, end) in enumerate(zip(starts, ends)) if start < length < end), None)
+        if inside is not None:
+            length = starts[inside]
+        if multi_image != self._cached_multi_image:
+            length = min(length, starts[0])
+        elif multi_image and self._images_before(input_ids, length, counts) == len(counts) - 1:
+            length = min(length, starts[-2])
         return length
 
-    def _tokens_per_image(self, input_ids: torch.Tensor) -> int:
-        return int((input_ids == self.image_token_id).sum()) // max(len(self.images), 1)
+    def _image_token_counts(self, inputs: dict) -> list[int]:
+        """Placeholder tokens of each image of the tokenized conversation `inputs`, in order.
 
-    def _images_before(self, input_ids: torch.Tensor, length: int) -> int:
-        """How many images have their placeholders in `input_ids[:length]` (whole images only, see above)."""
+        LLaVA-1.5 gives every image the same count. Anyres models (NeXT, OneVision) give each its own, from its
+        original size (`image_sizes`): the model says how many when it can (`num_image_tokens`), else each image is
+        one run of placeholders (the bundled templates put text between images).
+        """
         if not self.images:
+            return []
+        is_image = inputs["input_ids"][0] == self.image_token_id  # (seq,)
+        total = int(is_image.sum())
+        if "image_sizes" not in inputs:
+            return [total // len(self.images)] * len(self.images)
+        counter = getattr(getattr(self.model, "model", None), "num_image_tokens", None)
+        image_kwargs = {key: inputs[key] for key in ("batch_num_images",) if key in inputs}
+        counts = None
+        if counter is not None:
+            strategy = self.model.config.vision_feature_select_strategy
+            counts = counter(inputs["image_sizes"], strategy, **image_kwargs)
+        if counts is None:  # (seq + 1,): +1 where a run of placeholders starts, -1 where one ends
+            edges = torch.diff(is_image.long(), prepend=is_image.new_zeros(1).long(), append=is_image.new_zeros(1).long())
+            counts = ((edges == -1).nonzero()[:, 0] - (edges == 1).nonzero()[:, 0]).tolist()
+        if len(counts) != len(self.images) or sum(counts) != total:
+            raise ValueError(
+                f"The conversation has {total} image tokens, which cannot be split into its {len(self.images)} images "
+                f"(counted {counts}); use a chat template that puts text between images."
+            )
+        return [int(count) for count in counts]
+
+    def _image_starts(self, input_ids: torch.Tensor, counts: list[int]) -> list[int]:
+        """The position of each image's first placeholder in `input_ids` (seq,)."""
+        positions = (input_ids == self.image_token_id).nonzero()[:, 0]  # (total placeholders,)
+        firsts = [0] + torch.tensor(counts).cumsum(0)[:-1].tolist()
+        return [int(positions[first]) for first in firsts]
+
+    def _images_before(self, input_ids: torch.Tensor, length: int, counts: list[int]) -> int:
+        """How many images have their placeholders in `input_ids[:length]` (whole images only, see above)."""
+        if not counts:
             return 0
-        return int((input_ids[:length] == self.image_token_id).sum()) // self._tokens_per_image(input_ids)
+        cached = int((input_ids[:length] == self.image_token_id).sum())
+        return int((torch.tensor(counts).cumsum(0) <= cached).sum())
 
     def _record_cached_ids(self, sequences: torch.Tensor) -> torch.Tensor:
         """Note which tokens (prompt + answer but its last token) the cache now holds; returns `sequences[0]` on CPU."""
