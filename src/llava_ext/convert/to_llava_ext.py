@@ -1,13 +1,15 @@
 """Original LLaVA and llava-hf checkpoints -> `llava_ext` (`convert_checkpoint`, the `llava-ext convert` command).
 
 An original checkpoint's keys are renamed with the tables of `original.py` and its CLIP tower is read from its own
-directory; a llava-hf (transformers `llava`) checkpoint keeps its keys. Either way the tokenizer gains `<image>` (and
+directory; a llava-hf (transformers `llava` or `llava_next`) checkpoint keeps its keys, in whichever of the stock
+layouts it was saved (the model classes load each of them). Either way the tokenizer gains `<image>` (and
 `<pad>`), the vocabulary is padded as transformers' own conversion script pads it, and the result is written with the
 model's code attached, so it loads with `trust_remote_code=True`.
 """
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,9 +18,13 @@ from transformers import AddedToken, AutoConfig, AutoProcessor, AutoTokenizer, C
 
 from ..compat import custom_object_save
 from ..configuration_llava_ext import LlavaExtConfig
+from ..configuration_llava_ext_next import LlavaExtNextConfig
 from ..image_processing_llava_ext import LlavaExtImageProcessor
+from ..image_processing_llava_ext_next import LlavaExtNextImageProcessor
 from ..modeling_llava_ext import AUTO_MAP, LlavaExtForConditionalGeneration
+from ..modeling_llava_ext_next import NEXT_AUTO_MAP, LlavaExtNextForConditionalGeneration
 from ..processing_llava_ext import LlavaExtProcessor
+from ..processing_llava_ext_next import DEFAULT_NEXT_CHAT_TEMPLATE, LlavaExtNextProcessor
 from ..vision import num_image_features
 from .hub import USAGE_REMOTE_CODE, model_card, push_to_hub
 from .io import TensorSource, atomic_directory, check_checkpoint_files, check_output_free, read_json
@@ -41,6 +47,26 @@ CHAT_TEMPLATE = "llava-1.5"
 ASPECT_RATIO_TO_DO_PAD = {"pad": True, "square": False, None: False}
 EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 Layout = Literal["original", "llava-hf", "llava_ext"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a llava-hf or llava_ext checkpoint of one model family converts into."""
+
+    config: type
+    model: type
+    auto_map: dict
+    processor: type
+    image_processor: type
+    chat_template: str  # for a source processor without one
+
+
+LLAVA = Family(LlavaExtConfig, LlavaExtForConditionalGeneration, AUTO_MAP, LlavaExtProcessor, LlavaExtImageProcessor,
+               CHAT_TEMPLATE)
+NEXT = Family(LlavaExtNextConfig, LlavaExtNextForConditionalGeneration, NEXT_AUTO_MAP, LlavaExtNextProcessor,
+              LlavaExtNextImageProcessor, DEFAULT_NEXT_CHAT_TEMPLATE)
+# config.json's model_type -> its family: transformers' own (llava-hf) and ours (llava_ext)
+FAMILIES = {"llava": LLAVA, "llava_ext": LLAVA, "llava_next": NEXT, "llava_ext_next": NEXT}
 
 
 def convert_checkpoint(
@@ -113,14 +139,15 @@ def detect_layout(config: dict, src_dir: Path | str = "the checkpoint") -> Layou
     """'original' (haotian-liu LLaVA), 'llava-hf' (transformers' `llava`) or 'llava_ext', from a config.json dict."""
     if original_text_model_type(config) is not None:
         return "original"
-    if config.get("model_type") == "llava" and "text_config" in config:
+    if config.get("model_type") in ("llava", "llava_next") and "text_config" in config:
         return "llava-hf"
-    if config.get("model_type") == "llava_ext":
+    if config.get("model_type") in ("llava_ext", "llava_ext_next"):
         return "llava_ext"
     raise ValueError(
         f"{src_dir} is not a LLaVA checkpoint this tool converts: config.json has model_type="
         f"{config.get('model_type')!r}, architectures={config.get('architectures')}. Supported: original LLaVA "
-        f"({', '.join(['LlavaLlamaForCausalLM', 'LlavaMistralForCausalLM'])}) and transformers' 'llava'."
+        f"({', '.join(['LlavaLlamaForCausalLM', 'LlavaMistralForCausalLM'])}) and transformers' 'llava' and "
+        "'llava_next'."
     )
 
 
@@ -215,8 +242,10 @@ def _plan_original(src_dir: Path, vision_tower: str | os.PathLike | None, dtype:
 
 
 def _plan_llava_hf(src_dir: Path, dtype: torch.dtype | None):
-    """Config, processor and tensor plan for a transformers `llava` (or `llava_ext`) checkpoint: keys unchanged."""
-    config = LlavaExtConfig.from_pretrained(src_dir)
+    """Config, processor and tensor plan for a transformers `llava` / `llava_next` (or `llava_ext`) checkpoint: keys
+    unchanged."""
+    family = FAMILIES[read_json(src_dir / "config.json")["model_type"]]
+    config = family.config.from_pretrained(src_dir)
     source_processor = AutoProcessor.from_pretrained(src_dir)
     processor = _build_processor(
         source_processor.tokenizer,
@@ -226,8 +255,9 @@ def _plan_llava_hf(src_dir: Path, dtype: torch.dtype | None):
             source_processor.vision_feature_select_strategy or config.vision_feature_select_strategy
         ),
         num_additional_image_tokens=source_processor.num_additional_image_tokens,
-        chat_template=source_processor.chat_template or CHAT_TEMPLATE,
+        chat_template=source_processor.chat_template or family.chat_template,
         image_token=source_processor.image_token,
+        family=family,
     )
     source = TensorSource(src_dir)
     return config, processor, {key: planned_tensor(source, key, dtype) for key in source.keys()}
@@ -259,10 +289,14 @@ def _clip_vision_config(tower_dir: Path) -> CLIPVisionConfig:
     )
 
 
-def _build_processor(tokenizer, image_settings: dict, chat_template: str | None = CHAT_TEMPLATE, **processor_kwargs):
-    """A `LlavaExtProcessor` (saved with its code) of `tokenizer` and `LlavaExtImageProcessor(**image_settings)`."""
-    return LlavaExtProcessor(
-        image_processor=LlavaExtImageProcessor(**image_settings),
+def _build_processor(
+    tokenizer, image_settings: dict, chat_template: str | None = CHAT_TEMPLATE, family: Family = LLAVA,
+    **processor_kwargs,
+):
+    """The family's processor (`LlavaExtProcessor`, ...; saved with its code) of `tokenizer` and its image processor
+    made of `image_settings`."""
+    return family.processor(
+        image_processor=family.image_processor(**image_settings),
         tokenizer=tokenizer,
         chat_template=chat_template,
         **processor_kwargs,
@@ -271,10 +305,11 @@ def _build_processor(tokenizer, image_settings: dict, chat_template: str | None 
 
 def _save_remote_code_config(config: LlavaExtConfig, out_dir: Path) -> None:
     """config.json with `auto_map`, and the model's .py files, as `save_pretrained` writes them (weights aside)."""
+    family = FAMILIES[config.model_type]
     with torch.device("meta"):  # only the class and its module are needed: no memory, no init
-        model = LlavaExtForConditionalGeneration(config)
+        model = family.model(config)
     config.architectures = [type(model).__name__]
-    config.auto_map = dict(AUTO_MAP)  # every Auto class, as LlavaExtPreTrainedModel.save_pretrained writes it
+    config.auto_map = dict(family.auto_map)  # every Auto class, as LlavaExtPreTrainedModel.save_pretrained writes it
     custom_object_save(model, out_dir)  # the .py files: modeling_llava_ext.py and its sibling imports
     config.save_pretrained(out_dir)
 
