@@ -248,8 +248,8 @@ def test_vision_feature_layer_0_checkpoint_with_remote_code(tmp_path):
 
 @pytest.fixture
 def serve_globals(monkeypatch):
-    """What `enable_transformers_serve` changes in this process (serve's tables, `build_server`, from 5.25 its
-    `ModelLoader`), restored after."""
+    """What `enable_transformers_serve` changes in this process (serve's tables, `build_server`, its
+    `GenerationState` or from 5.25 its `ModelLoader` and `GenerateRunner`), restored after."""
     from transformers.cli.serving import server as server_module
     from transformers.models.auto import modeling_auto
 
@@ -261,6 +261,11 @@ def serve_globals(monkeypatch):
 
     if hasattr(model_manager, "ModelLoader"):  # 5.25+
         monkeypatch.setattr(model_manager, "ModelLoader", model_manager.ModelLoader)
+        monkeypatch.setattr(model_manager, "GenerateRunner", model_manager.GenerateRunner)
+    from transformers.cli.serving import utils
+
+    monkeypatch.setattr(utils, "GenerationState", utils.GenerationState)
+    monkeypatch.setattr(llava_ext.serve, "_batch_settings", llava_ext.serve._batch_settings)
     return modeling_auto, server_module
 
 

@@ -81,6 +81,11 @@ SERVER_MODULE = "transformers.cli.serving.server"
 #   each API server (`--api-server-count`); a copy of the loader is pickled into each. `Serve.__init__` imports the
 #   class from this module when the command runs. 5.17-5.24 have no such class and load in the server's own process.
 MODEL_LOADER_MODULE = "transformers.cli.serving.model_manager"
+# - How serve generates, where llava_ext's batching plugs in (`llava_ext.serve`): 5.17-5.24 run requests in the server's
+#   process through `GenerationState.get_manager(model_id, use_cb) -> GenerateManager` (this module; `Serve.__init__`
+#   imports `GenerationState` from it when the command runs). 5.25 runs them in the model's process through a
+#   `GenerateRunner(model, processor, send_results)`, which `EngineClient.run_engine` looks up in MODEL_LOADER_MODULE.
+SERVE_UTILS_MODULE = "transformers.cli.serving.utils"
 
 
 def auto_model_classes_for(model_type: str) -> list[type]:
@@ -142,6 +147,7 @@ __all__ = [
     "CHECKPOINTING_ARGS",
     "MODEL_TABLES_MODULE",
     "SERVER_MODULE",
+    "SERVE_UTILS_MODULE",
     "SERVE_MODEL_TABLES",
     "SERVE_MODULE",
     "TRAIN_SAMPLER_HOOK",

@@ -1,10 +1,14 @@
-"""`llava-ext serve`: transformers' own OpenAI-compatible server (`transformers serve`) for llava_ext checkpoints."""
+"""`llava-ext serve`: transformers' own OpenAI-compatible server (`transformers serve`) for llava_ext checkpoints,
+batching concurrent requests (`--max-batch-size`, `--batch-wait-ms`)."""
 
 import argparse
 
-from ..serve import enable_transformers_serve, transformers_serve_command
+from ..serve import transformers_serve_command
 
-EXAMPLE = "example: llava-ext serve ./llava-v1.5-7b-ext --host 127.0.0.1 --port 8000 --device cuda:0 --dtype float16"
+EXAMPLE = (
+    "example: llava-ext serve ./llava-v1.5-7b-ext --host 127.0.0.1 --port 8000 --device cuda:0 --dtype float16 "
+    "--max-batch-size 16"
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,12 +27,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run transformers serve with the remaining arguments; exits as the command does (`--help` exits 0)."""
+    """Run transformers serve with the remaining arguments, llava_ext enabled with the batching options among them;
+    exits as the command does (`--help` exits 0)."""
     try:
         command = transformers_serve_command(epilog=f"\b\n{EXAMPLE}")  # \b: click keeps the example on one line
     except ImportError as error:  # serving packages or the serve command missing: one line, not a traceback
         raise SystemExit(f"llava-ext serve: error: {error}") from None
-    enable_transformers_serve()
     command.main(args=args.serve_args, prog_name="llava-ext serve")
     return 0
 
