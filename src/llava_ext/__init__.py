@@ -23,6 +23,11 @@ from .modeling_llava_ext_next import (
     LlavaExtNextModel,
     LlavaExtNextPreTrainedModel,
 )
+from .modeling_llava_ext_onevision import (
+    LlavaExtOnevisionForConditionalGeneration,
+    LlavaExtOnevisionModel,
+    LlavaExtOnevisionPreTrainedModel,
+)
 from .processing_llava_ext import LlavaExtProcessor
 from .configuration_llava_ext_onevision import LlavaExtOnevisionConfig
 from .image_processing_llava_ext_next import LlavaExtNextImageProcessor
@@ -37,6 +42,12 @@ __version__ = "0.1.0"
 MODEL_FAMILIES = {
     "llava": (LlavaExtConfig, LlavaExtModel, LlavaExtForConditionalGeneration, "LlavaModel"),
     "llava_next": (LlavaExtNextConfig, LlavaExtNextModel, LlavaExtNextForConditionalGeneration, "LlavaNextModel"),
+    "llava_onevision": (
+        LlavaExtOnevisionConfig,
+        LlavaExtOnevisionModel,
+        LlavaExtOnevisionForConditionalGeneration,
+        "LlavaOnevisionModel",
+    ),
 }
 for _stock_type, (_config, _model, _generation, _stock_model) in MODEL_FAMILIES.items():
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -82,7 +93,10 @@ __all__ = [
     "LlavaExtNextPreTrainedModel",
     "LlavaExtNextProcessor",
     "LlavaExtOnevisionConfig",
+    "LlavaExtOnevisionForConditionalGeneration",
     "LlavaExtOnevisionImageProcessor",
+    "LlavaExtOnevisionModel",
+    "LlavaExtOnevisionPreTrainedModel",
     "LlavaExtOnevisionProcessor",
     "LlavaExtPreTrainedModel",
     "LlavaExtProcessor",
