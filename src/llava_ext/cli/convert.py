@@ -38,8 +38,10 @@ def add_parser(subparsers) -> None:
 
     export = add_subcommand(
         subparsers, "export", example=EXPORT_EXAMPLE,
-        help="export a llava_ext checkpoint to transformers' stock llava layout or to GGUF for llama.cpp",
-        description="Write a llava_ext checkpoint as a stock transformers 'llava' checkpoint (no remote code), or\n"
+        help="export a llava_ext checkpoint to transformers' stock layout (llava, llava_next, llava_onevision) or to "
+        "GGUF for llama.cpp",
+        description="Write a llava_ext checkpoint as a stock transformers checkpoint of the family it mirrors (no\n"
+        "remote code): llava_ext -> 'llava', llava_ext_next -> 'llava_next', llava_ext_onevision -> 'llava_onevision'; or\n"
         "with --format gguf as the two files llama.cpp loads: OUT/model-OUTTYPE.gguf (language model, tokenizer, chat\n"
         "template) and OUT/mmproj-model-OUTTYPE.gguf (vision tower and projector), for\n"
         "`llama-mtmd-cli -m OUT/model-q8_0.gguf --mmproj OUT/mmproj-model-q8_0.gguf` or `llama-server ... --mmproj`.\n"
@@ -49,7 +51,7 @@ def add_parser(subparsers) -> None:
     export.add_argument("src", metavar="SRC", help="llava_ext checkpoint directory or Hub repo id")
     export.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     export.add_argument("--format", choices=["stock", "gguf"], default="stock",
-                        help="stock: transformers' llava layout (default); gguf: llama.cpp's model + mmproj files")
+                        help="stock: transformers' own layout of the family (default); gguf: llama.cpp's model + mmproj files")
     export.add_argument("--outtype", choices=OUTTYPES,
                         help="--format gguf only: type of the weight matrices (default: f32); norms, biases and "
                         "position/patch embeddings stay f32, as llama.cpp's converter keeps them")

@@ -382,16 +382,19 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         raise
 
 
-def read_llava_checkpoint(src: str | os.PathLike, tool: str) -> tuple[Path, dict]:
-    """The local folder of the llava_ext (or stock llava) checkpoint `src`, its files checked, and its config.json;
-    `tool` names the command in the error for any other model type."""
+def read_llava_checkpoint(
+    src: str | os.PathLike, tool: str, model_types: tuple[str, ...] = ("llava_ext", "llava")
+) -> tuple[Path, dict]:
+    """The local folder of the checkpoint `src` (one of `model_types`: llava_ext or stock llava unless told), its files
+    checked, and its config.json; `tool` names the command in the error for any other model type."""
     src_dir = resolve_source(src)
     check_checkpoint_files(src_dir)
     config_dict = read_json(src_dir / "config.json")
-    if config_dict.get("model_type") not in ("llava_ext", "llava"):
+    if config_dict.get("model_type") not in model_types:
         raise ValueError(
-            f"{src_dir} has model_type={config_dict.get('model_type')!r}; {tool} takes a llava_ext or llava "
-            "checkpoint (convert an original LLaVA checkpoint with `llava-ext convert` first)."
+            f"{src_dir} has model_type={config_dict.get('model_type')!r}; {tool} takes a "
+            f"{', '.join(model_types[:-1])} or {model_types[-1]} checkpoint (convert an original LLaVA checkpoint "
+            "with `llava-ext convert` first)."
         )
     return src_dir, config_dict
 

@@ -46,7 +46,8 @@ logger = logging.get_logger(__name__)
 SHIPPED_MODULES = (
     "configuration_llava_ext", "modeling_llava_ext", "vision", "processing_llava_ext", "image_processing_llava_ext",
     "anyres", "processing_llava_ext_next", "image_processing_llava_ext_next", "processing_llava_ext_onevision",
-    "image_processing_llava_ext_onevision",
+    "image_processing_llava_ext_onevision", "configuration_llava_ext_next", "modeling_llava_ext_next",
+    "configuration_llava_ext_onevision", "modeling_llava_ext_onevision",
 )
 MODEL_MODULES = ("configuration_llava_ext", "modeling_llava_ext")  # an auto_map naming these marks a llava_ext config
 PROCESSOR_CLASSES = (
