@@ -519,3 +519,112 @@ def test_onevision_pipeline_eval_and_int8(onevision_models, onevision_checkpoint
     with torch.no_grad():
         expected, got = reference(**inputs).logits, model(**inputs).logits
     assert ((got - expected).norm() / expected.norm()).item() < 0.06
+
+
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", None), ("float32", "int8")])
+def test_onevision_low_precision_logits_stay_close_to_fp32(onevision_models, onevision_checkpoint, dtype, quantize):
+    """As for NeXT: bf16 weights, or int8 language-model linears, over a two-image sample of OneVision's (base views
+    only), within 6% (relative L2 norm) of fp32's logits and the same greedy token at 90% of the positions."""
+    if quantize is not None:
+        pytest.importorskip("torchao")
+    reference, _ = onevision_models
+    model, processor = load_model_and_processor(str(onevision_checkpoint), device="cpu", dtype=dtype,
+                                                quantize=quantize)
+    assert model.model.image_newline.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    messages = [user(image_part(IMAGES[0]), image_part(IMAGES[3]), "Compare.")]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=prompt, images=[IMAGES[0:4:3]], return_tensors="pt")
+    assert inputs["batch_num_images"].tolist() == [2]
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        got = model(**inputs.to(dtype=model.dtype)).logits.float()
+    assert ((got - expected).norm() / expected.norm()).item() < 0.06
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_cli_chat_with_a_onevision_checkpoint(onevision_models, onevision_checkpoint, tmp_path):
+    """`llava-ext chat` over two images sent in two turns: each answer equals transformers' fresh generate over the
+    conversation so far (its images one sample's)."""
+    reference, _ = onevision_models
+    IMAGES[1].save(tmp_path / "wide.png")
+    IMAGES[2].save(tmp_path / "square.png")
+    turns = [("What is it?", [IMAGES[1]]), ("And this?", [IMAGES[2]])]
+    messages, images, expected = [], [], []
+    for question, turn_images in turns:
+        messages.append(user(*[image_part(image) for image in turn_images], question))
+        images += turn_images
+        expected.append(onevision_fresh_answer(reference, messages, images))
+        messages.append(assistant(expected[-1]))
+
+    stdin = f"/image {tmp_path / 'wide.png'}\nWhat is it?\n/image {tmp_path / 'square.png'}\nAnd this?\n/exit\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_ext.cli", "chat", str(onevision_checkpoint), "--no-compile", "--device", "cpu",
+         "--max-new-tokens", str(MAX_NEW_TOKENS)],
+        input=stdin, capture_output=True, text=True, timeout=HANG_GUARD_S, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "".join(f"{answer}\n" for answer in expected)
+
+
+# A template the converted processor must carry over as it is (llava-hf's ChatML, shortened)
+STOCK_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_stock_onevision_processor(directory: Path) -> None:
+    """llava-hf's OneVision processor files (the split layout of the Hub's llava-onevision checkpoints), written with
+    transformers' savers and processor_config.json as llava-hf's reads; no torchvision needed."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE},
+                                    image_grid_pinpoints=ONEVISION_PINPOINTS).save_pretrained(directory)
+    onevision_tokenizer().save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (TILE // PATCH) ** 2,
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_2", "image_token": "<image>",
+        "video_token": "<video>",
+    }))
+    (directory / "chat_template.jinja").write_text(STOCK_ONEVISION_TEMPLATE)
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "in-memory names"])
+def test_convert_a_stock_onevision_checkpoint_keeps_the_logits(onevision_models, tmp_path, layout):
+    """A llava-hf `llava_onevision` checkpoint (either key layout) converts without building transformers' processor
+    (its video processor needs torchvision): our processor's inputs equal transformers' from the same files, and the
+    converted model's logits equal transformers' model's."""
+    from test_export_next import OnevisionProcessorWithoutVideo
+
+    from llava_ext import LlavaExtOnevisionForConditionalGeneration, LlavaExtOnevisionProcessor
+
+    reference, _ = onevision_models
+    source = tmp_path / "stock"
+    if layout == "save_pretrained":
+        reference.save_pretrained(source)
+    else:
+        save_in_memory_layout(reference, source)
+    save_stock_onevision_processor(source)
+    out = tmp_path / "ext"
+    assert main(["convert", str(source), str(out)]) == 0
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava_ext_onevision"
+    assert config["auto_map"]["AutoModelForImageTextToText"].endswith("LlavaExtOnevisionForConditionalGeneration")
+    assert {"modeling_llava_ext_onevision.py", "processing_llava_ext_onevision.py"} <= {p.name for p in out.iterdir()}
+    model, processor = load_model_and_processor(str(out), device="cpu")
+    assert type(model) is LlavaExtOnevisionForConditionalGeneration and type(processor) is LlavaExtOnevisionProcessor
+    assert processor.chat_template == STOCK_ONEVISION_TEMPLATE
+    assert processor.vision_aspect_ratio == "anyres_max_2"
+    texts = ["<image>\nWhat is it?", "<image> and <image>, compare."]
+    images = [IMAGES[:1], IMAGES[1:3]]
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    stock_inputs = OnevisionProcessorWithoutVideo.from_pretrained(source)(
+        text=texts, images=images, return_tensors="pt", padding=True
+    )
+    assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
+    torch.testing.assert_close(inputs["pixel_values"], stock_inputs["pixel_values"], rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference(**stock_inputs).logits)

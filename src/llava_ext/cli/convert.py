@@ -25,8 +25,8 @@ def add_parser(subparsers) -> None:
     convert = add_subcommand(
         subparsers, "convert", example=CONVERT_EXAMPLE,
         help="convert an original LLaVA or llava-hf checkpoint to llava_ext",
-        description="Convert an original LLaVA (haotian-liu) or llava-hf checkpoint into a llava_ext checkpoint "
-        "that loads with trust_remote_code=True. Writing is atomic: OUT appears only when complete.",
+        description="Convert an original LLaVA (haotian-liu) or llava-hf checkpoint (llava, llava_next, "
+        "llava_onevision) into a llava_ext checkpoint that loads with trust_remote_code=True. Writing is atomic: OUT appears only when complete.",
     )
     convert.add_argument("src", metavar="SRC", help="checkpoint directory or Hub repo id")
     convert.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")

@@ -1,8 +1,8 @@
 """Original LLaVA and llava-hf checkpoints -> `llava_ext` (`convert_checkpoint`, the `llava-ext convert` command).
 
 An original checkpoint's keys are renamed with the tables of `original.py` and its CLIP tower is read from its own
-directory; a llava-hf (transformers `llava` or `llava_next`) checkpoint keeps its keys, in whichever of the stock
-layouts it was saved (the model classes load each of them). Either way the tokenizer gains `<image>` (and
+directory; a llava-hf (transformers `llava`, `llava_next` or `llava_onevision`) checkpoint keeps its keys, in
+whichever of the stock layouts it was saved (the model classes load each of them). Either way the tokenizer gains `<image>` (and
 `<pad>`), the vocabulary is padded as transformers' own conversion script pads it, and the result is written with the
 model's code attached, so it loads with `trust_remote_code=True`.
 """
@@ -15,16 +15,21 @@ from typing import Literal
 
 import torch
 from transformers import AddedToken, AutoConfig, AutoProcessor, AutoTokenizer, CLIPConfig, CLIPVisionConfig
+from transformers import LlavaOnevisionProcessor, logging
 
-from ..compat import custom_object_save
+from ..compat import AutoImageProcessor, custom_object_save
 from ..configuration_llava_ext import LlavaExtConfig
 from ..configuration_llava_ext_next import LlavaExtNextConfig
+from ..configuration_llava_ext_onevision import LlavaExtOnevisionConfig
 from ..image_processing_llava_ext import LlavaExtImageProcessor
 from ..image_processing_llava_ext_next import LlavaExtNextImageProcessor
+from ..image_processing_llava_ext_onevision import LlavaExtOnevisionImageProcessor
 from ..modeling_llava_ext import AUTO_MAP, LlavaExtForConditionalGeneration
 from ..modeling_llava_ext_next import NEXT_AUTO_MAP, LlavaExtNextForConditionalGeneration
+from ..modeling_llava_ext_onevision import ONEVISION_AUTO_MAP, LlavaExtOnevisionForConditionalGeneration
 from ..processing_llava_ext import LlavaExtProcessor
 from ..processing_llava_ext_next import DEFAULT_NEXT_CHAT_TEMPLATE, LlavaExtNextProcessor
+from ..processing_llava_ext_onevision import DEFAULT_ONEVISION_CHAT_TEMPLATE, LlavaExtOnevisionProcessor
 from ..vision import num_image_features
 from .hub import USAGE_REMOTE_CODE, model_card, push_to_hub
 from .io import TensorSource, atomic_directory, check_checkpoint_files, check_output_free, read_json
@@ -39,6 +44,8 @@ from .original import (
     rename_key,
 )
 from .plan import copy_generation_config, dominant_dtype, image_processor_settings, parse_dtype, planned_tensor
+
+logger = logging.get_logger(__name__)
 
 VOCAB_MULTIPLE = 64  # transformers' convert_llava_weights_to_hf pads the resized vocabulary to a multiple of 64
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
@@ -65,8 +72,14 @@ LLAVA = Family(LlavaExtConfig, LlavaExtForConditionalGeneration, AUTO_MAP, Llava
                CHAT_TEMPLATE)
 NEXT = Family(LlavaExtNextConfig, LlavaExtNextForConditionalGeneration, NEXT_AUTO_MAP, LlavaExtNextProcessor,
               LlavaExtNextImageProcessor, DEFAULT_NEXT_CHAT_TEMPLATE)
+ONEVISION = Family(LlavaExtOnevisionConfig, LlavaExtOnevisionForConditionalGeneration, ONEVISION_AUTO_MAP,
+                   LlavaExtOnevisionProcessor, LlavaExtOnevisionImageProcessor, DEFAULT_ONEVISION_CHAT_TEMPLATE)
 # config.json's model_type -> its family: transformers' own (llava-hf) and ours (llava_ext)
-FAMILIES = {"llava": LLAVA, "llava_ext": LLAVA, "llava_next": NEXT, "llava_ext_next": NEXT}
+FAMILIES = {
+    "llava": LLAVA, "llava_ext": LLAVA, "llava_next": NEXT, "llava_ext_next": NEXT,
+    "llava_onevision": ONEVISION, "llava_ext_onevision": ONEVISION,
+}
+STOCK_TYPES = ("llava", "llava_next", "llava_onevision")
 
 
 def convert_checkpoint(
@@ -139,15 +152,15 @@ def detect_layout(config: dict, src_dir: Path | str = "the checkpoint") -> Layou
     """'original' (haotian-liu LLaVA), 'llava-hf' (transformers' `llava`) or 'llava_ext', from a config.json dict."""
     if original_text_model_type(config) is not None:
         return "original"
-    if config.get("model_type") in ("llava", "llava_next") and "text_config" in config:
+    if config.get("model_type") in STOCK_TYPES and "text_config" in config:
         return "llava-hf"
-    if config.get("model_type") in ("llava_ext", "llava_ext_next"):
+    if config.get("model_type") in FAMILIES:
         return "llava_ext"
     raise ValueError(
         f"{src_dir} is not a LLaVA checkpoint this tool converts: config.json has model_type="
         f"{config.get('model_type')!r}, architectures={config.get('architectures')}. Supported: original LLaVA "
-        f"({', '.join(['LlavaLlamaForCausalLM', 'LlavaMistralForCausalLM'])}) and transformers' 'llava' and "
-        "'llava_next'."
+        f"({', '.join(['LlavaLlamaForCausalLM', 'LlavaMistralForCausalLM'])}) and transformers' 'llava', "
+        "'llava_next' and 'llava_onevision'."
     )
 
 
@@ -242,10 +255,13 @@ def _plan_original(src_dir: Path, vision_tower: str | os.PathLike | None, dtype:
 
 
 def _plan_llava_hf(src_dir: Path, dtype: torch.dtype | None):
-    """Config, processor and tensor plan for a transformers `llava` / `llava_next` (or `llava_ext`) checkpoint: keys
-    unchanged."""
-    family = FAMILIES[read_json(src_dir / "config.json")["model_type"]]
+    """Config, processor and tensor plan for a transformers `llava` / `llava_next` / `llava_onevision` (or a
+    `llava_ext` family's) checkpoint: keys unchanged."""
+    model_type = read_json(src_dir / "config.json")["model_type"]
+    family = FAMILIES[model_type]
     config = family.config.from_pretrained(src_dir)
+    if model_type == "llava_onevision":
+        return config, _onevision_processor(src_dir, config), _plan_unchanged(src_dir, dtype)
     source_processor = AutoProcessor.from_pretrained(src_dir)
     processor = _build_processor(
         source_processor.tokenizer,
@@ -259,8 +275,42 @@ def _plan_llava_hf(src_dir: Path, dtype: torch.dtype | None):
         image_token=source_processor.image_token,
         family=family,
     )
+    return config, processor, _plan_unchanged(src_dir, dtype)
+
+
+def _plan_unchanged(src_dir: Path, dtype: torch.dtype | None) -> dict:
     source = TensorSource(src_dir)
-    return config, processor, {key: planned_tensor(source, key, dtype) for key in source.keys()}
+    return {key: planned_tensor(source, key, dtype) for key in source.keys()}
+
+
+def _onevision_processor(src_dir: Path, config: LlavaExtOnevisionConfig) -> LlavaExtOnevisionProcessor:
+    """Our processor made of a llava-hf `llava_onevision` checkpoint's processor files, read with transformers'
+    readers (`get_processor_dict`: processor_config.json and the chat template; the image processor's and the
+    tokenizer's own), without building `LlavaOnevisionProcessor`, whose video processor needs torchvision."""
+    processor_dict, _ = LlavaOnevisionProcessor.get_processor_dict(str(src_dir))
+    image_processor = AutoImageProcessor.from_pretrained(src_dir)
+    tile = config.vision_config.image_size
+    patch_size = config.vision_config.patch_size
+    num_image_tokens = processor_dict.get("num_image_tokens")
+    if num_image_tokens is not None and num_image_tokens != (tile // patch_size) ** 2:
+        logger.warning(
+            f"{src_dir / 'processor_config.json'} has num_image_tokens={num_image_tokens}, but the vision tower "
+            f"({tile}px, patch {patch_size}) gives {(tile // patch_size) ** 2} per crop; the converted processor "
+            "counts what the model computes."
+        )
+    return _build_processor(
+        AutoTokenizer.from_pretrained(src_dir),
+        image_processor_settings(image_processor.to_dict()),
+        patch_size=patch_size,
+        vision_feature_select_strategy=(
+            processor_dict.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        ),
+        chat_template=processor_dict.get("chat_template") or ONEVISION.chat_template,
+        image_token=processor_dict.get("image_token", "<image>"),
+        video_token=processor_dict.get("video_token", "<video>"),
+        vision_aspect_ratio=processor_dict.get("vision_aspect_ratio") or config.vision_aspect_ratio,
+        family=ONEVISION,
+    )
 
 
 def _rename_all(source: TensorSource, table: dict, description: str) -> dict[str, tuple[TensorSource, str]]:
