@@ -303,3 +303,74 @@ def test_a_refresh_killed_between_its_renames_is_put_back_by_the_next_run(checkp
     assert hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest() == weights_before
     installed = Path(llava_ext.__file__).parent / "modeling_llava_ext.py"
     assert (checkpoint / "modeling_llava_ext.py").read_bytes() == installed.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- NeXT and OneVision
+ANYRES_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["llava_ext"] = None  # any `import llava_ext` now raises ImportError
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    checkpoint, inputs_path, out_path = sys.argv[1:]
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(**torch.load(inputs_path)).logits
+    torch.save({"module": type(model).__module__.split(".")[0], "class": type(model).__name__, "logits": logits},
+               out_path)
+    """
+)
+
+
+@pytest.mark.parametrize("family", ["next", "onevision"])
+def test_anyres_checkpoints_get_their_own_family_code(family, tmp_path):
+    """A NeXT / OneVision checkpoint whose shipped model code is stale (here: broken) and whose auto_map is partial
+    gets its own family's installed modules and auto_map, drops a module it does not need, and loads without
+    llava_ext with the logits of the model that saved it."""
+    from test_export_next import FAMILIES, PROMPTS, images
+
+    from llava_ext.modeling_llava_ext_next import NEXT_AUTO_MAP
+    from llava_ext.modeling_llava_ext_onevision import ONEVISION_AUTO_MAP
+
+    expected_map = {"next": NEXT_AUTO_MAP, "onevision": ONEVISION_AUTO_MAP}[family]
+    path = tmp_path / "checkpoint"
+    model, processor = FAMILIES[family][0](path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    modeling = path / f"modeling_llava_ext_{family}.py"
+    modeling.write_text("raise ImportError('the stale code of an older llava_ext')\n")
+    # NeXT never imports OneVision's module (OneVision builds on NeXT's: there it is needed, and rewritten)
+    other = path / ("modeling_llava_ext_onevision.py" if family == "next" else "modeling_llava_ext_next.py")
+    other.write_text("# stale\n")
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": config["auto_map"]["AutoConfig"]}
+    (path / "config.json").write_text(json.dumps(config))
+
+    assert main(["refresh-code", str(path)]) == 0
+
+    assert modeling.read_bytes() == (PACKAGE_DIR / modeling.name).read_bytes()
+    if family == "next":
+        assert not other.exists()
+    else:
+        assert other.read_bytes() == (PACKAGE_DIR / other.name).read_bytes()
+    assert json.loads((path / "config.json").read_text())["auto_map"] == expected_map
+    inputs = processor(text=list(PROMPTS), images=images(), return_tensors="pt", padding=True)
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    completed = subprocess.run(
+        [sys.executable, "-c", ANYRES_REMOTE_SCRIPT, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path, env=isolated_env(tmp_path), capture_output=True, text=True, timeout=HANG_GUARD_S,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    assert (result["module"], result["class"]) == ("transformers_modules", type(model).__name__)
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], model(**inputs).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+def test_a_stock_anyres_checkpoint_is_refused_naming_convert(model_type, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ValueError, match=f"model_type='{model_type}'.*llava-ext convert"):
+        refresh_checkpoint_code(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -16,6 +16,7 @@ nothing); unchanged files are hard links, so the weights are neither copied nor 
       config.json (old auto_map)    config.json (new auto_map)           config.json (new auto_map)
 """
 
+import functools
 import importlib
 import itertools
 import json
@@ -33,6 +34,8 @@ from ..image_processing_llava_ext import LlavaExtImageProcessor
 from ..image_processing_llava_ext_next import LlavaExtNextImageProcessor
 from ..image_processing_llava_ext_onevision import LlavaExtOnevisionImageProcessor
 from ..modeling_llava_ext import AUTO_MAP
+from ..modeling_llava_ext_next import NEXT_AUTO_MAP
+from ..modeling_llava_ext_onevision import ONEVISION_AUTO_MAP
 from ..processing_llava_ext import LlavaExtProcessor
 from ..processing_llava_ext_next import LlavaExtNextProcessor
 from ..processing_llava_ext_onevision import LlavaExtOnevisionProcessor
@@ -49,7 +52,16 @@ SHIPPED_MODULES = (
     "image_processing_llava_ext_onevision", "configuration_llava_ext_next", "modeling_llava_ext_next",
     "configuration_llava_ext_onevision", "modeling_llava_ext_onevision",
 )
-MODEL_MODULES = ("configuration_llava_ext", "modeling_llava_ext")  # an auto_map naming these marks a llava_ext config
+# Each llava_ext model type -> the auto_map its config.json gets today
+FAMILY_AUTO_MAPS = {
+    "llava_ext": AUTO_MAP, "llava_ext_next": NEXT_AUTO_MAP, "llava_ext_onevision": ONEVISION_AUTO_MAP,
+}
+# The model module an auto_map names -> the family (an old checkpoint's model_type may be 'llava')
+MODULE_FAMILIES = {
+    module: model_type
+    for model_type, auto_map in FAMILY_AUTO_MAPS.items()
+    for module in {value.rsplit(".", 1)[0] for value in auto_map.values()}
+}
 PROCESSOR_CLASSES = (
     LlavaExtProcessor, LlavaExtImageProcessor, LlavaExtNextProcessor, LlavaExtNextImageProcessor,
     LlavaExtOnevisionProcessor, LlavaExtOnevisionImageProcessor,
@@ -77,7 +89,8 @@ def refresh_checkpoint_code(
     relatively (`vision.py`), copied as `save_pretrained` copies them; the modules of our processor classes
     (`processing_llava_ext.py`, `image_processing_llava_ext_next.py`, ...) that the checkpoint's processor files name
     or that it carries, with their relative imports;
-    config.json's `auto_map` with `AUTO_MAP` merged over it; in processor_config.json, preprocessor_config.json and
+    config.json's `auto_map` with the family's merged over it (`FAMILY_AUTO_MAPS`: 1.5, NeXT and OneVision
+    checkpoints each get their own modules); in processor_config.json, preprocessor_config.json and
     tokenizer_config.json, the `auto_map` values naming our processor classes. A module an older llava_ext shipped
     that the installed code no longer imports is removed. Every other file is carried over byte for byte and no tensor
     is read.
@@ -106,8 +119,7 @@ def refresh_checkpoint_code(
     target = Path(out_dir).expanduser().absolute() if out_dir is not None else None
     if local.is_dir() and (target is None or target.resolve() == local.resolve()):  # in place
         src_dir = local.resolve()  # a symlinked checkpoint: refresh the directory it points to, keep the link
-        _check_is_llava_ext(src_dir)
-        _write_refreshed(src_dir, src_dir, overwrite=True, link=True)
+        _write_refreshed(src_dir, src_dir, _family_of(src_dir), overwrite=True, link=True)
         result = local.absolute()
     elif target is not None:
         check_output_free(target, overwrite)  # before any download
@@ -117,8 +129,7 @@ def refresh_checkpoint_code(
                 "leave out_dir out to refresh the checkpoint in place."
             )
         src_dir = resolve_source(checkpoint).absolute()
-        _check_is_llava_ext(src_dir)
-        _write_refreshed(src_dir, target, overwrite=overwrite, link=False)
+        _write_refreshed(src_dir, target, _family_of(src_dir), overwrite=overwrite, link=False)
         result = target
     elif push_to_hub_repo is None:
         if local.exists():  # a file: resolve_source's error names it
@@ -129,11 +140,11 @@ def refresh_checkpoint_code(
         )
     else:  # a Hub checkpoint pushed only: stage it in a temporary directory, upload it, remove it
         src_dir = resolve_source(checkpoint).absolute()
-        _check_is_llava_ext(src_dir)
+        family = _family_of(src_dir)
         with tempfile.TemporaryDirectory(prefix="llava-ext-refresh-") as staging:
             staged = Path(staging) / str(checkpoint).rsplit("/", 1)[-1]
             # hard links to the cache's blobs where $TMPDIR shares its filesystem, copies otherwise
-            _write_refreshed(src_dir, staged, overwrite=False, link=True)
+            _write_refreshed(src_dir, staged, family, overwrite=False, link=True)
             push_to_hub(staged, push_to_hub_repo, private=private, revision=revision)
         return None
     if push_to_hub_repo:
@@ -141,31 +152,42 @@ def refresh_checkpoint_code(
     return result
 
 
-def _check_is_llava_ext(src_dir: Path) -> None:
-    """Refuse anything but a llava_ext checkpoint (model_type, or an auto_map naming our modules) before writing."""
+def _family_of(src_dir: Path) -> str:
+    """The llava_ext model type of a checkpoint (its model_type, or the family of the modules its auto_map names);
+    anything else is refused before writing."""
     config = read_json(src_dir / "config.json")
     model_type, auto_map = config.get("model_type"), config.get("auto_map") or {}
-    if model_type == "llava_ext" or any(_module_of(value) in MODEL_MODULES for value in _auto_map_values(auto_map)):
-        return
-    if model_type == "llava":
+    if model_type in FAMILY_AUTO_MAPS:
+        return model_type
+    named = [MODULE_FAMILIES[module] for value in _auto_map_values(auto_map)
+             if (module := _module_of(value)) in MODULE_FAMILIES]
+    if named:
+        return named[0]
+    if model_type in ("llava", "llava_next", "llava_onevision"):
         raise ValueError(
-            f"{src_dir / 'config.json'} has model_type='llava' and no auto_map naming llava_ext code: it is a stock "
-            "transformers (or original LLaVA) checkpoint, which ships no code to refresh. To make a llava_ext "
+            f"{src_dir / 'config.json'} has model_type={model_type!r} and no auto_map naming llava_ext code: it is a "
+            "stock transformers (or original LLaVA) checkpoint, which ships no code to refresh. To make a llava_ext "
             f"checkpoint from it, run `llava-ext convert {src_dir} OUT`."
         )
     raise ValueError(
         f"{src_dir / 'config.json'} has model_type={model_type!r} and auto_map={auto_map or None}; refresh-code "
-        "updates llava_ext checkpoints only (model_type 'llava_ext', or an auto_map naming modeling_llava_ext / "
-        "configuration_llava_ext). Convert a LLaVA checkpoint with `llava-ext convert` first."
+        f"updates llava_ext checkpoints only (model_type one of {sorted(FAMILY_AUTO_MAPS)}, or an auto_map naming "
+        f"their modules: {', '.join(sorted(MODULE_FAMILIES))}). Convert a LLaVA checkpoint with `llava-ext convert` "
+        "first."
     )
 
 
-def _write_refreshed(src_dir: Path, out_dir: Path, *, overwrite: bool, link: bool) -> None:
-    """Build the refreshed checkpoint in a temporary sibling of `out_dir` and rename it into place when complete."""
+def _write_refreshed(src_dir: Path, out_dir: Path, family: str, *, overwrite: bool, link: bool) -> None:
+    """Build the refreshed checkpoint of `family` (a llava_ext model type) in a temporary sibling of `out_dir` and
+    rename it into place when complete."""
     processor_classes = _processor_classes(src_dir)
+    auto_map = FAMILY_AUTO_MAPS[family]
     with atomic_directory(out_dir, overwrite) as tmp:
-        written = _write_code(tmp, processor_classes)  # first: nothing is linked yet that a write could go through
-        updates = {"config.json": _merge_model_auto_map, **dict.fromkeys(PROCESSOR_JSONS, _update_processor_refs)}
+        written = _write_code(tmp, auto_map, processor_classes)  # first: nothing is linked yet to write through
+        updates = {
+            "config.json": functools.partial(_merge_model_auto_map, auto_map=auto_map),
+            **dict.fromkeys(PROCESSOR_JSONS, _update_processor_refs),
+        }
         for name, update in updates.items():
             if (src_dir / name).is_file() and _write_updated_json(src_dir / name, tmp / name, update):
                 written.add(name)
@@ -189,9 +211,9 @@ def _write_refreshed(src_dir: Path, out_dir: Path, *, overwrite: bool, link: boo
             logger.info(f"{name}: removed (the installed llava_ext {__version__} no longer ships it)")
 
 
-def _write_code(out_dir: Path, processor_classes: list[type]) -> set[str]:
-    """The installed modules `AUTO_MAP`'s classes and `processor_classes` need, copied as save_pretrained does."""
-    classes = [_class_of(value) for value in AUTO_MAP.values()] + processor_classes
+def _write_code(out_dir: Path, auto_map: dict, processor_classes: list[type]) -> set[str]:
+    """The installed modules `auto_map`'s classes and `processor_classes` need, copied as save_pretrained does."""
+    classes = [_class_of(value) for value in auto_map.values()] + processor_classes
     written = set()
     for cls in classes:  # custom_object_save copies the class's module and, recursively, its relative imports
         written.update(Path(path).name for path in custom_object_save(cls, out_dir))
@@ -233,9 +255,9 @@ def _write_updated_json(src: Path, dst: Path, update: Callable[[dict], bool]) ->
     return True
 
 
-def _merge_model_auto_map(config: dict) -> bool:
-    """config.json: `AUTO_MAP` over the existing auto_map (other entries kept); True if that changed it."""
-    merged = {**(config.get("auto_map") or {}), **AUTO_MAP}
+def _merge_model_auto_map(config: dict, auto_map: dict) -> bool:
+    """config.json: the family's `auto_map` over the existing one (other entries kept); True if that changed it."""
+    merged = {**(config.get("auto_map") or {}), **auto_map}
     if merged == config.get("auto_map"):
         return False
     config["auto_map"] = merged
