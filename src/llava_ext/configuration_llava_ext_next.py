@@ -7,6 +7,8 @@ argument keeps its meaning, so `LlavaExtNextConfig(**LlavaNextConfig(...).to_dic
 to checkpoints for `trust_remote_code`: it imports only transformers and its siblings.
 """
 
+import inspect
+
 from transformers import LlavaNextConfig
 
 from .configuration_llava_ext import DEFAULT_TEXT_CONFIG, LlavaExtConfigMixin
@@ -84,6 +86,10 @@ class LlavaExtNextConfig(AnyresConfigMixin, LlavaNextConfig):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **self.prepare_init_kwargs(args, kwargs))
+
+    # The arguments are the stock ones, passed through: say so to `inspect.signature` (transformers' model testers
+    # build configs from it, and so do tools that read a config class's arguments).
+    __init__.__signature__ = inspect.signature(LlavaNextConfig.__init__)
 
 
 __all__ = ["AnyresConfigMixin", "LlavaExtNextConfig"]

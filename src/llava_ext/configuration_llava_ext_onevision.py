@@ -7,6 +7,8 @@ meaning, so `LlavaExtOnevisionConfig(**LlavaOnevisionConfig(...).to_dict())` wor
 checkpoints for `trust_remote_code`: it imports only transformers, torch (through `anyres`) and its siblings.
 """
 
+import inspect
+
 from transformers import LlavaOnevisionConfig
 
 from .anyres import max_tiles
@@ -62,6 +64,10 @@ class LlavaExtOnevisionConfig(AnyresConfigMixin, LlavaOnevisionConfig):
         kwargs = self.prepare_init_kwargs(args, kwargs)
         max_tiles(kwargs.get("vision_aspect_ratio", "anyres_max_9"))  # raises naming the form 'anyres_max_N'
         super().__init__(*args, **kwargs)
+
+    # The arguments are the stock ones, passed through: say so to `inspect.signature` (transformers' model testers
+    # build configs from it, and so do tools that read a config class's arguments).
+    __init__.__signature__ = inspect.signature(LlavaOnevisionConfig.__init__)
 
 
 __all__ = ["LlavaExtOnevisionConfig"]
