@@ -287,3 +287,48 @@ def test_trust_remote_code_round_trip_without_llava_ext(tmp_path):
     assert result["modules"] == ["transformers_modules"]  # the checkpoint's copy, not an installed llava_ext
     torch.testing.assert_close(result["logits"], logits(ours, batch), rtol=0, atol=1e-5)
     assert torch.equal(result["tokens"], ours.generate(**batch, max_new_tokens=5, do_sample=False))
+
+
+def test_get_image_features_states_follow_the_vision_config_as_the_reference():
+    """Unasked, the reference's tower still returns every hidden state, and its attentions when its config says so;
+    ours returns them when the argument or the vision config asks (the config is what transformers' tests set)."""
+    reference, ours = build_pair(vision="clip", text="llama")
+    batch = processed_batch(reference.config)
+    args = (batch["pixel_values"], batch["image_sizes"])
+    for model in (reference, ours):
+        model.config.vision_config.output_hidden_states = True
+        model.config.vision_config.output_attentions = True
+    with torch.no_grad():
+        expected, got = reference.get_image_features(*args), ours.get_image_features(*args)
+        by_argument = ours.model.get_image_features(*args, output_hidden_states=True, output_attentions=False)
+    layers = reference.config.vision_config.num_hidden_layers
+    assert len(got.hidden_states) == len(expected.hidden_states) == layers + 1
+    assert len(got.attentions) == len(expected.attentions) == layers
+    assert all(state is not None for state in got.hidden_states + got.attentions)
+    # 5.24+'s reference keeps only the states its feature layer reads (None elsewhere); compare where it has them
+    pairs = zip(got.hidden_states + got.attentions, expected.hidden_states + expected.attentions)
+    compared = [torch.testing.assert_close(g, e, rtol=0, atol=1e-5) for g, e in pairs if e is not None]
+    assert len(compared) >= layers + 1
+    assert len(by_argument.hidden_states) == layers + 1 and by_argument.attentions is None
+
+
+@pytest.mark.parametrize("model_class", [LlavaExtNextModel, LlavaExtNextForConditionalGeneration])
+def test_a_loaded_model_saves_the_keys_a_new_one_saves(model_class, tmp_path):
+    """transformers saves a loaded model by reversing the renames that matched on loading: the base model's renames
+    must name its own keys, or a checkpoint read and saved again changes layout (LlavaNextModel's does not)."""
+    reference, _ = build_pair(vision="clip", text="llama")
+    stock_class = {LlavaExtNextModel: "LlavaNextModel"}.get(model_class, "LlavaNextForConditionalGeneration")
+    import transformers
+
+    stock = getattr(transformers, stock_class)(reference.config)
+    stock.save_pretrained(tmp_path / "stock")
+    model = model_class(reference.config)
+    model.save_pretrained(tmp_path / "new")
+    model_class.from_pretrained(tmp_path / "new").save_pretrained(tmp_path / "again")
+    assert _keys(tmp_path / "new") == _keys(tmp_path / "again") == _keys(tmp_path / "stock")
+
+
+def test_generation_classes_name_generation_mixin_among_their_bases():
+    from transformers import GenerationMixin
+
+    assert GenerationMixin in LlavaExtNextForConditionalGeneration.__bases__

@@ -298,3 +298,29 @@ def test_trust_remote_code_round_trip_without_llava_ext(tmp_path):
     assert result["modules"] == ["transformers_modules"]  # the checkpoint's copy, not an installed llava_ext
     torch.testing.assert_close(result["logits"], logits(ours, batch), rtol=0, atol=1e-5)
     assert torch.equal(result["tokens"], ours.generate(**batch, max_new_tokens=5, do_sample=False))
+
+
+def test_get_video_features_takes_either_name_of_the_frames():
+    """5.17's reference names the frames `pixel_values`, 5.2x's `pixel_values_videos`: ours takes both, and refuses
+    both at once or neither."""
+    reference, ours = build_pair()
+    videos = torch.randn(2, 3, 3, TILE, TILE)
+    with torch.no_grad():
+        by_position = ours.get_video_features(videos).pooler_output
+        for model in (ours, ours.model):
+            torch.testing.assert_close(model.get_video_features(pixel_values=videos).pooler_output, by_position)
+            torch.testing.assert_close(model.get_video_features(pixel_values_videos=videos).pooler_output, by_position)
+    with pytest.raises(TypeError, match="twice"):
+        ours.get_video_features(videos, pixel_values=videos)
+    with pytest.raises(TypeError, match="pixel_values_videos"):
+        ours.get_video_features()
+
+
+def test_a_loaded_base_model_saves_the_keys_a_new_one_saves(tmp_path):
+    reference, _ = build_pair()
+    from transformers import LlavaOnevisionModel
+
+    LlavaOnevisionModel(reference.config).save_pretrained(tmp_path / "stock")
+    LlavaExtOnevisionModel(reference.config).save_pretrained(tmp_path / "new")
+    LlavaExtOnevisionModel.from_pretrained(tmp_path / "new").save_pretrained(tmp_path / "again")
+    assert _keys(tmp_path / "new") == _keys(tmp_path / "again") == _keys(tmp_path / "stock")

@@ -91,6 +91,34 @@ def _swap_names():
         setattr(sys.modules["transformers"], name, cls)
 
 
+def _list_model_types():
+    """Our model types in the common modules' copies of transformers' model tables (`MODEL_MAPPING_NAMES`, ...), in
+    every table that lists the stock twin's class under its type.
+
+    The mixins tell base models from generation models by those tables (`test_training` skips a base model, which
+    has no loss; `test_inputs_embeds_matches_input_ids` runs only on one). `AutoModel.register` does not write into
+    them, so without this our base models would be run as generation models and some tests would check nothing. The
+    module-level names are rebound to extended copies: transformers' own tables stay as they are."""
+    import sys
+
+    stock_names = {name: cls.__name__ for name, cls in CLASS_SWAPS.items()}
+    ours_by_type = {cls.config_class.model_type for cls in CLASS_SWAPS.values() if hasattr(cls, "config_class")}
+    stock_types = {"llava_next": "llava_ext_next", "llava_onevision": "llava_ext_onevision"}
+    assert set(stock_types.values()) <= ours_by_type, ours_by_type
+    for module_name in COMMON_MODULES:
+        module = sys.modules[module_name]
+        for attr, table in list(vars(module).items()):
+            if not (attr.endswith("_MAPPING_NAMES") and isinstance(table, dict)):
+                continue
+            extra = {
+                ours: stock_names[table[stock]]
+                for stock, ours in stock_types.items()
+                if isinstance(table.get(stock), str) and table[stock] in stock_names
+            }
+            if extra:
+                setattr(module, attr, {**table, **extra})
+
+
 def _check_swapped(items):
     """Fails the run if a collected test module still holds one of transformers' classes under a swapped name."""
     for module in {item.module for item in items if getattr(item, "module", None) is not None}:
@@ -131,6 +159,7 @@ def _alias_torchvision_only_modules():
 def pytest_configure(config):
     _alias_torchvision_only_modules()
     _swap_names()
+    _list_model_types()
     _swap_image_processors()
     for marker in ("flash_attn_test", "flash_attn_3_test", "torch_compile_test", "torch_export_test", "training_ci"):
         config.addinivalue_line("markers", f"{marker}: transformers' marker")

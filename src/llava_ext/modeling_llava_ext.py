@@ -283,8 +283,23 @@ class LlavaExtPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`; also reads the stock llava key layout, which `save_pretrained` writes."""
         if kwargs.get("key_mapping") is None:
-            kwargs["key_mapping"] = cls.stock_key_mapping
+            kwargs["key_mapping"] = cls._key_mapping()
         return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def _key_mapping(cls) -> dict[str, str]:
+        """`stock_key_mapping` for a model with a head; for a base model (no `model.` prefix: `LlavaExtModel`), the
+        same renames onto its own names, as transformers maps `LlavaModel`. transformers saves a loaded model by
+        reversing the renames that matched, so each must name the loading class's keys: otherwise a base model read
+        from a checkpoint saves other key names than the same model made from its config."""
+        if getattr(cls, "base_model_class", None) is not None:
+            return cls.stock_key_mapping
+        prefix = f"{cls.base_model_prefix}."
+        return {
+            source: target.removeprefix(prefix)
+            for source, target in cls.stock_key_mapping.items()
+            if target.startswith(prefix) and source.removeprefix("^") != target.removeprefix(prefix)
+        }
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with an `auto_map` naming every Auto class when the code is saved too.
@@ -423,7 +438,13 @@ class LlavaExtModel(LlavaExtPreTrainedModel):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         layers = [layer] if isinstance(layer, int) else list(layer)
-        # transformers >= 5.24 may pass the wanted layer indices here; only an explicit True asks for every state
+        # Unset, they follow the tower's config (`config.vision_config.output_hidden_states`, as the reference's tower
+        # does). transformers >= 5.24 may pass the wanted layer indices here; only True asks for every state.
+        vision = self.config.vision_config
+        if output_hidden_states is None:
+            output_hidden_states = getattr(vision, "output_hidden_states", False)
+        if output_attentions is None:
+            output_attentions = getattr(vision, "output_attentions", False)
         output_hidden_states = output_hidden_states is True
         states, output = self._run_vision_tower(pixel_values, layers, output_hidden_states, output_attentions, **kwargs)
         if strategy == "default":

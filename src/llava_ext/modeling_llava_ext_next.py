@@ -17,7 +17,7 @@ names and its siblings.
 
 import torch
 from torch import nn
-from transformers import LlavaNextConfig
+from transformers import GenerationMixin, LlavaNextConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .anyres import image_grid_shape, num_image_tokens_next, num_tiles, unpad_image
@@ -248,7 +248,10 @@ class LlavaExtNextModel(LlavaExtNextPreTrainedModel, LlavaExtModel):
         )
 
 
-class LlavaExtNextForConditionalGeneration(LlavaExtNextPreTrainedModel, LlavaExtForConditionalGeneration):
+# GenerationMixin is named among the bases (it is inherited already), as transformers' generation models name it.
+class LlavaExtNextForConditionalGeneration(
+    LlavaExtNextPreTrainedModel, LlavaExtForConditionalGeneration, GenerationMixin
+):
     """LLaVA-NeXT with a language-model head; same forward signature and outputs as
     `LlavaNextForConditionalGeneration`. `generate()` is transformers' own: `pixel_values` and `image_sizes` reach
     the model on the prefill step only."""

@@ -15,7 +15,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import LlavaOnevisionConfig
+from transformers import GenerationMixin, LlavaOnevisionConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .anyres import anyres_max_shape, num_image_tokens_onevision, num_tiles, num_video_tokens_onevision
@@ -54,6 +54,20 @@ LlavaExtOnevisionCausalLMOutputWithPast = _output_class(
     ["loss", "logits"],
     media=("image", "video"),
 )
+
+
+def _video_pixels(pixel_values_videos: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+    """The frames given to `get_video_features`, under either name the reference has used: `pixel_values_videos`
+    (5.2x), or `pixel_values` (5.17), popped from `kwargs`."""
+    legacy = kwargs.pop("pixel_values", None)
+    if pixel_values_videos is not None and legacy is not None:
+        raise TypeError("get_video_features() got the frames twice: pass either pixel_values_videos or pixel_values.")
+    if pixel_values_videos is None and legacy is None:
+        raise TypeError(
+            "get_video_features() needs the frames: pass pixel_values_videos of shape (num_videos, frames, channels, "
+            "height, width), as the processor returns them."
+        )
+    return legacy if pixel_values_videos is None else pixel_values_videos
 
 
 class LlavaExtOnevisionPreTrainedModel(LlavaExtNextPreTrainedModel):
@@ -120,7 +134,7 @@ class LlavaExtOnevisionModel(LlavaExtOnevisionPreTrainedModel, LlavaExtNextModel
     @_can_return_tuple
     def get_video_features(
         self,
-        pixel_values_videos: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         output_hidden_states: bool | None = None,
@@ -131,8 +145,10 @@ class LlavaExtOnevisionModel(LlavaExtOnevisionPreTrainedModel, LlavaExtNextModel
         token each video's `image_newline`, as the reference (5.24).
 
         Args:
-            pixel_values_videos (`torch.Tensor` of shape `(num_videos, frames, channels, height, width)`).
+            pixel_values_videos (`torch.Tensor` of shape `(num_videos, frames, channels, height, width)`): the frames;
+                also accepted as `pixel_values=`, the reference's name for it up to 5.2x.
         """
+        pixel_values_videos = _video_pixels(pixel_values_videos, kwargs)
         batch, frames, channels, height, width = pixel_values_videos.shape
         frames_flat = pixel_values_videos.view(batch * frames, channels, height, width)
         features, output = self._encode_images(
@@ -207,18 +223,21 @@ class LlavaExtOnevisionModel(LlavaExtOnevisionPreTrainedModel, LlavaExtNextModel
         return self._run_language_model(inputs_embeds, attention_mask, position_ids, cache, media, **kwargs)
 
 
-class LlavaExtOnevisionForConditionalGeneration(LlavaExtOnevisionPreTrainedModel, LlavaExtNextForConditionalGeneration):
+class LlavaExtOnevisionForConditionalGeneration(
+    LlavaExtOnevisionPreTrainedModel, LlavaExtNextForConditionalGeneration, GenerationMixin
+):
     """LLaVA-OneVision with a language-model head; same forward signature and outputs as
     `LlavaOnevisionForConditionalGeneration`."""
 
     base_model_class = LlavaExtOnevisionModel
     output_class = LlavaExtOnevisionCausalLMOutputWithPast
 
-    def get_video_features(self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None,
-                           **kwargs):
+    def get_video_features(
+        self, pixel_values_videos=None, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ):
         """See `LlavaExtOnevisionModel.get_video_features`."""
         return self.model.get_video_features(
-            pixel_values_videos, vision_feature_layer, vision_feature_select_strategy, **kwargs
+            _video_pixels(pixel_values_videos, kwargs), vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
 
     @_can_return_tuple
